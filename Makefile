@@ -1,0 +1,21 @@
+# Two commands on a fresh machine: `make demo` (export + run + validate the built-in VILA) and
+# `make test`. Both create .venv on first use. torch is pinned to the CPU wheel that lies on disk;
+# an unpinned torch would pull a multi-GB CUDA build.
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f .venv/.installed-*; touch $@
+
+.PHONY: setup demo test
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) export.py --model vila
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests

@@ -1,0 +1,1 @@
+"""Runtimes for exported DyVTE models: the orchestrator and its backends (torch reference, ...)."""

@@ -1,0 +1,36 @@
+"""The PyTorch reference backend: runs the family adapter's modules directly, one layer a segment."""
+
+from __future__ import annotations
+
+import torch
+
+from exporter.dyvte.router import router_features
+from exporter.models.base import MultimodalModel
+
+
+class TorchBackend:
+    def __init__(self, model: MultimodalModel, segments: list[tuple[int, int]] | None = None):
+        self.model = model
+        self.shape = model.shape
+        num_layers = self.shape.num_layers
+        self.segments = segments or [(layer, layer + 1) for layer in range(num_layers)]
+        self.router_layers = frozenset(range(num_layers - 1)) if model.routers is not None else frozenset()
+        param = next(model.decoder.parameters())
+        self.dtype, self.device = param.dtype, param.device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        param = next(self.model.vision.parameters())
+        return self.model.vision(pixel_values.to(param.device, param.dtype))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder.embed_tokens(input_ids)
+
+    def run_segment(self, index, hidden, position_ids, key_mask, past):
+        start, end = self.segments[index]
+        return self.model.decoder.run_layers(start, end, hidden, position_ids, key_mask, past)
+
+    def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.model.routers(layer, router_features(hidden, weights))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder.logits(hidden)

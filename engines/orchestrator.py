@@ -1,0 +1,322 @@
+"""The runtime orchestrator: prefill segment by segment, exit the visual tokens, decode with a KV cache.
+
+It owns DyVTE's logic once, for every backend and family: a backend only runs graphs (vision,
+token embedding, decoder segments, routers, LM head) on torch tensors. Samples of a batch that
+exit at different layers are split into cohorts during prefill, so each runs at its own length,
+and merged again for decoding, where every layer keeps its own (left-padded) cache length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from engines.policy import ExitPolicy, GenerationConfig, TokenSampler
+from exporter.dyvte.router import exit_decision, text_feature_weights
+from exporter.errors import DyVTEError
+from exporter.models.base import Prompt
+from exporter.models.decoder import DecoderShape
+
+
+class Backend(Protocol):
+    """What the orchestrator needs from a backend; all tensors are torch tensors."""
+
+    shape: DecoderShape
+    segments: list[tuple[int, int]]  # contiguous layer ranges [start, end) covering all layers
+    router_layers: frozenset[int]  # layers after which a router can be asked (empty: no routers)
+    dtype: torch.dtype
+    device: torch.device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...  # [N, V, H]
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [B, S, H]
+    def run_segment(self, index, hidden, position_ids, key_mask, past): ...  # -> hidden, presents
+    def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [B, S, vocab]
+
+
+@dataclass
+class Generation:
+    """One sample's result, in the fields the CLI's --json prints."""
+
+    input_ids: list[int]
+    visual_span: tuple[int, int] | None
+    generated_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    exit_layer: int | None = None
+    router_logits: dict[int, list[float]] = field(default_factory=dict)
+    first_logits: torch.Tensor | None = None  # the prefill's last-position logits
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # with keep_logits: one per token
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Cohort:
+    """Samples that are in the same mode (visual tokens present or gone) during prefill."""
+
+    rows: torch.Tensor  # indices into the batch
+    hidden: torch.Tensor  # [b, S, H]
+    position_ids: torch.Tensor  # [b, S], original numbering (a gap where the image was)
+    key_mask: torch.Tensor  # [b, S] 1 = real token, 0 = left padding
+    visual: torch.Tensor  # [b, S] True at visual positions
+    caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def select(self, idx: torch.Tensor) -> "Cohort":
+        return Cohort(
+            self.rows[idx], self.hidden[idx], self.position_ids[idx], self.key_mask[idx], self.visual[idx],
+            [(k[idx], v[idx], m[idx]) for k, v, m in self.caches],
+        )
+
+    def drop_visual(self) -> "Cohort":
+        """The exit: keep the real non-visual rows, in order, re-left-padded. A gather, on device."""
+        keep = self.key_mask.bool() & ~self.visual
+        new_len = int(keep.sum(dim=1).max())
+        order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - new_len:]
+        gather = lambda t: torch.gather(t, 1, order)  # noqa: E731
+        hidden = torch.gather(self.hidden, 1, order[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        return Cohort(
+            self.rows, hidden, gather(self.position_ids), gather(keep.to(self.key_mask.dtype)),
+            torch.zeros_like(order, dtype=torch.bool), self.caches,
+        )
+
+
+class Runtime:
+    """Generation with DyVTE on any backend: `Runtime(backend, processor).generate(prompts, ...)`."""
+
+    def __init__(self, backend: Backend, processor):
+        self.backend = backend
+        self.processor = processor
+
+    def prepare(self, question: str, image=None) -> Prompt:
+        return self.processor.build(question, image)
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[Prompt],
+        policy: ExitPolicy | str = "dynamic",
+        config: GenerationConfig | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Generation]:
+        policy = ExitPolicy.parse(policy) if isinstance(policy, str) else policy
+        config = config or GenerationConfig()
+        self._check(prompts, policy, config)
+        results = [Generation(list(p.input_ids), p.visual_span) for p in prompts]
+        t0 = time.perf_counter()
+        visual = self._encode_images(prompts)
+        t1 = time.perf_counter()
+        cohorts, first_logits = self._prefill(prompts, visual, policy, results)
+        t2 = time.perf_counter()
+        self._decode(cohorts, first_logits, prompts, config, results, on_token)
+        t3 = time.perf_counter()
+        for r in results:
+            r.text = self.processor.decode(r.generated_ids)
+            r.timings_ms = {
+                "vision": 1e3 * (t1 - t0),
+                "prefill": 1e3 * (t2 - t1),
+                "decode": 1e3 * (t3 - t2),
+                "total": 1e3 * (t3 - t0),
+            }
+        return results
+
+    # ------------------------------------------------------------------ checks
+
+    def _check(self, prompts: list[Prompt], policy: ExitPolicy, config: GenerationConfig) -> None:
+        b = self.backend
+        if not prompts:
+            raise DyVTEError("nothing to generate: no prompts given")
+        if policy.kind == "dynamic" and not b.router_layers:
+            raise DyVTEError(
+                "this model has no DyVTE routers: pass --routers FILE, or use --exit-policy none or layer:K"
+            )
+        if policy.kind == "static":
+            ends = [end - 1 for _, end in b.segments]
+            if policy.layer not in ends:
+                raise DyVTEError(
+                    f"cannot exit after layer {policy.layer}: exits are possible after layers "
+                    f"{_ranges(ends)} of this model (0-based)"
+                )
+        limit = b.shape.max_positions
+        for i, p in enumerate(prompts):
+            if len(p.input_ids) + config.max_new_tokens > limit:
+                raise DyVTEError(
+                    f"prompt {i} has {len(p.input_ids)} tokens (with the image); with {config.max_new_tokens} "
+                    f"new tokens it exceeds the model's context of {limit} positions"
+                )
+
+    # ------------------------------------------------------------------ stages
+
+    def _encode_images(self, prompts: list[Prompt]) -> list[torch.Tensor | None]:
+        """Visual embeddings per sample; images of equal shape go through the tower together."""
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            if p.pixel_values is not None:
+                groups.setdefault(tuple(p.pixel_values.shape), []).append(i)
+        for idx in groups.values():
+            pixels = torch.cat([prompts[i].pixel_values for i in idx])
+            feats = self.backend.encode_images(pixels)
+            tiles = [prompts[i].pixel_values.shape[0] for i in idx]
+            for i, chunk in zip(idx, torch.split(feats, tiles)):
+                out[i] = chunk.reshape(-1, feats.shape[-1])
+                if out[i].shape[0] != prompts[i].num_visual:
+                    raise DyVTEError(
+                        f"the vision graph gave {out[i].shape[0]} visual tokens but the prompt has "
+                        f"{prompts[i].num_visual} image positions"
+                    )
+        return out
+
+    def _batch_inputs(self, prompts: list[Prompt], visual: list[torch.Tensor | None]) -> Cohort:
+        """Left-padded embeddings with the visual embeddings spliced in, positions and masks."""
+        b = self.backend
+        seq = max(len(p.input_ids) for p in prompts)
+        n = len(prompts)
+        ids = torch.zeros(n, seq, dtype=torch.long)
+        key_mask = torch.zeros(n, seq, dtype=torch.long)
+        is_visual = torch.zeros(n, seq, dtype=torch.bool)
+        positions = torch.zeros(n, seq, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            pad = seq - len(p.input_ids)
+            ids[i, pad:] = torch.tensor(p.input_ids).clamp(min=0)
+            key_mask[i, pad:] = 1
+            positions[i, pad:] = torch.arange(len(p.input_ids))
+            if p.visual_span is not None:
+                ids[i, pad + p.visual_span[0]: pad + p.visual_span[1]] = 0
+                is_visual[i, pad + p.visual_span[0]: pad + p.visual_span[1]] = True
+        dev = b.device
+        hidden = b.embed(ids.to(dev))
+        for i, p in enumerate(prompts):
+            if visual[i] is not None:
+                pad = seq - len(p.input_ids)
+                s, e = p.visual_span
+                hidden[i, pad + s: pad + e] = visual[i].to(hidden.dtype)
+        return Cohort(torch.arange(n), hidden, positions.to(dev), key_mask.to(dev), is_visual.to(dev))
+
+    def _prefill(self, prompts, visual, policy, results):
+        b = self.backend
+        cohorts = [self._batch_inputs(prompts, visual)]
+        for index, (start, end) in enumerate(b.segments):
+            nxt = []
+            for c in cohorts:
+                empty = torch.zeros(c.hidden.shape[0], b.shape.num_kv_heads, 0, b.shape.head_dim,
+                                    dtype=b.dtype, device=b.device)
+                c.hidden, presents = b.run_segment(index, c.hidden, c.position_ids, c.key_mask,
+                                                   [(empty, empty)] * (end - start))
+                c.caches.extend((k, v, c.key_mask) for k, v in presents)
+                nxt.extend(self._exit_step(c, end - 1, policy, results))
+            cohorts = nxt
+        logits = torch.zeros(len(prompts), b.shape.vocab_size, dtype=torch.float32)
+        for c in cohorts:
+            logits[c.rows] = b.logits(c.hidden[:, -1:, :])[:, -1].float().cpu()
+        for i, r in enumerate(results):
+            r.first_logits = logits[i]
+        return cohorts, logits
+
+    def _exit_step(self, c: Cohort, layer: int, policy: ExitPolicy, results) -> list[Cohort]:
+        """Ask the policy whether samples of this cohort exit after `layer`; split if they differ."""
+        if layer >= self.backend.shape.num_layers - 1 or policy.kind == "none":
+            return [c]
+        has_visual = c.visual.any(dim=1)
+        if not bool(has_visual.any()):
+            return [c]
+        if policy.kind == "static":
+            leave = has_visual if layer == policy.layer else torch.zeros_like(has_visual)
+        elif layer in self.backend.router_layers:
+            visual_end = torch.where(
+                has_visual, c.visual.shape[1] - torch.argmax(c.visual.flip(1).to(torch.int8), dim=1), 0
+            )
+            weights = text_feature_weights(c.hidden.shape[1], visual_end, torch.full_like(visual_end, c.hidden.shape[1]))
+            logits = self.backend.router_logits(layer, c.hidden, weights).float().cpu()
+            for row, lg, hv in zip(c.rows.tolist(), logits, has_visual.tolist()):
+                if hv:
+                    results[row].router_logits[layer] = lg.tolist()
+            leave = exit_decision(logits).to(has_visual.device) & has_visual
+        else:
+            return [c]
+        if not bool(leave.any()):
+            return [c]
+        for row in c.rows[leave.cpu()].tolist():
+            results[row].exit_layer = layer
+        if bool(leave.all()):
+            return [c.drop_visual()]
+        go, stay = torch.nonzero(leave).flatten(), torch.nonzero(~leave).flatten()
+        return [c.select(go).drop_visual(), c.select(stay)]
+
+    def _merge_caches(self, cohorts: list[Cohort], batch: int):
+        """Per-layer caches of the whole batch, each layer left-padded to its longest sample."""
+        if len(cohorts) == 1 and torch.equal(cohorts[0].rows, torch.arange(batch)):
+            return [list(t) for t in cohorts[0].caches]
+        merged = []
+        for layer in range(self.backend.shape.num_layers):
+            parts = [(c.rows, *c.caches[layer]) for c in cohorts]
+            longest = max(k.shape[2] for _, k, _, _ in parts)
+            k0, m0 = parts[0][1], parts[0][3]
+            keys = k0.new_zeros(batch, k0.shape[1], longest, k0.shape[3])
+            values = torch.zeros_like(keys)
+            mask = m0.new_zeros(batch, longest)
+            for rows, k, v, m in parts:
+                rows = rows.to(keys.device)
+                n = k.shape[2]
+                keys[rows, :, longest - n:] = k
+                values[rows, :, longest - n:] = v
+                mask[rows, longest - n:] = m
+            merged.append([keys, values, mask])
+        return merged
+
+    def _decode(self, cohorts, first_logits, prompts, config, results, on_token) -> None:
+        b = self.backend
+        batch = len(prompts)
+        sampler = TokenSampler(config, batch)
+        stop = set(getattr(self.processor, "eos_token_ids", None) or [])
+        tokens = sampler(first_logits)
+        done = [False] * batch
+        logits = first_logits
+        next_pos = torch.tensor([len(p.input_ids) for p in prompts], device=b.device)
+        caches = None
+        for step in range(config.max_new_tokens):
+            for i, t in enumerate(tokens):
+                if done[i]:
+                    continue
+                if t in stop:
+                    done[i] = True
+                    continue
+                results[i].generated_ids.append(t)
+                if config.keep_logits:
+                    results[i].step_logits.append(logits[i].float().cpu())
+                if on_token:
+                    on_token(i, t)
+            if all(done) or step == config.max_new_tokens - 1:
+                break
+            if caches is None:
+                caches = self._merge_caches(cohorts, batch)
+            logits = self._decode_step(tokens, next_pos, caches)
+            next_pos = next_pos + 1
+            tokens = sampler(logits)
+
+    def _decode_step(self, tokens: list[int], positions: torch.Tensor, caches) -> torch.Tensor:
+        b = self.backend
+        ids = torch.tensor(tokens, device=b.device)[:, None]
+        hidden = b.embed(ids)
+        ones = torch.ones(len(tokens), 1, dtype=caches[0][2].dtype, device=b.device)
+        for index, (start, end) in enumerate(b.segments):
+            mask = torch.cat([caches[start][2], ones], dim=1)
+            past = [(caches[layer][0], caches[layer][1]) for layer in range(start, end)]
+            hidden, presents = b.run_segment(index, hidden, positions[:, None], mask, past)
+            for layer, (k, v) in zip(range(start, end), presents):
+                caches[layer] = [k, v, mask]
+        return b.logits(hidden)[:, -1]
+
+
+def _ranges(values: list[int]) -> str:
+    """Compact "0..5, 9" rendering of sorted integers."""
+    values = sorted(values)
+    out, start = [], values[0]
+    for prev, cur in zip(values, values[1:] + [None]):
+        if cur != prev + 1:
+            out.append(f"{start}..{prev}" if prev != start else f"{start}")
+            start = cur
+    return ", ".join(out)

@@ -1,0 +1,1 @@
+"""DyVTE's hyper-network: routers, their files, the exit rule (and, later, their training)."""

@@ -1,0 +1,163 @@
+"""DyVTE's hyper-network: one router MLP per decoder layer that decides when visual tokens exit.
+
+Router l reads layer l's output hidden states (before the final norm) at the text positions:
+`concat(mean(text after the image, last position excluded), last position)` -> 2 logits,
+index 0 = keep the visual tokens, index 1 = exit. Weights load from and save to the published
+layout `model.visual_gates_router.{l}.w1.weight` / `.w2.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from exporter.errors import DyVTEError
+
+ROUTER_PREFIX = "model.visual_gates_router."
+ROUTER_INNER = 2048  # the published routers' hidden width
+KEEP, EXIT = 0, 1
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, inner: int = ROUTER_INNER):
+        super().__init__()
+        self.w1 = nn.Linear(2 * hidden_size, inner, bias=False)
+        self.act = nn.GELU()
+        self.w2 = nn.Linear(inner, 2, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(features)))
+
+
+class Routers(nn.Module):
+    """All routers of one model; `routers(l, features)` gives router l's logits [B, 2]."""
+
+    def __init__(self, num_layers: int, hidden_size: int, inner: int = ROUTER_INNER):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.inner = inner
+        self.layers = nn.ModuleList(Router(hidden_size, inner) for _ in range(num_layers))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer](features)
+
+    def published_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, r in enumerate(self.layers):
+            out[f"{ROUTER_PREFIX}{i}.w1.weight"] = r.w1.weight.detach().contiguous()
+            out[f"{ROUTER_PREFIX}{i}.w2.weight"] = r.w2.weight.detach().contiguous()
+        return out
+
+
+def text_feature_weights(seq_len: int, visual_end: torch.Tensor, valid_end: torch.Tensor) -> torch.Tensor:
+    """Weights [B, S] that average the text after the image, the last position excluded.
+
+    `visual_end[b]` is the index just past sample b's visual tokens and `valid_end[b]` the index
+    just past its last real token (the last position is valid_end - 1). Rows sum to 1, or are all
+    zero when no text lies between the image and the last position.
+    """
+    index = torch.arange(seq_len, device=visual_end.device)[None, :]
+    inside = (index >= visual_end[:, None]) & (index < valid_end[:, None] - 1)
+    weights = inside.float()
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def router_features(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Router input [B, 2H] from hidden states [B, S, H] (real tokens end at the last position).
+
+    An empty text span (all-zero weights) means there is nothing to average: the last position
+    stands in for the mean, so the feature stays finite and well defined.
+    """
+    last = hidden[:, -1, :]
+    weights = weights.to(hidden.dtype)
+    mean = torch.einsum("bs,bsh->bh", weights, hidden)
+    empty = (weights.sum(dim=1, keepdim=True) == 0).to(hidden.dtype)
+    mean = mean + empty * last
+    return torch.cat([mean, last], dim=-1)
+
+
+def exit_decision(logits: torch.Tensor) -> torch.Tensor:
+    """True where the router says the visual tokens may leave (logit[exit] > logit[keep])."""
+    return logits[..., EXIT] > logits[..., KEEP]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _router_tensors_in(path: Path) -> dict[str, torch.Tensor]:
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if path.is_dir() and not files:
+        raise DyVTEError(f"no .safetensors file in {path} to read routers from")
+    found = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.startswith(ROUTER_PREFIX):
+                        found[key[len(ROUTER_PREFIX):]] = handle.get_tensor(key)
+        except DyVTEError:
+            raise
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise DyVTEError(f"cannot read router weights from {f}: {exc}") from None
+    return found
+
+
+def has_router_weights(folder: Path) -> bool:
+    """Whether any .safetensors file directly in `folder` holds published router keys."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                if any(k.startswith(ROUTER_PREFIX) for k in handle.keys()):
+                    return True
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise DyVTEError(f"cannot read {f} (truncated or damaged?): {exc}") from None
+    return False
+
+
+def load_routers(path: str | Path, num_layers: int, hidden_size: int) -> Routers:
+    """Routers from a .safetensors file or a checkpoint folder holding the published keys."""
+    path = Path(path)
+    if not path.exists():
+        raise DyVTEError(f"router weights not found: {path}")
+    tensors = _router_tensors_in(path)
+    if not tensors:
+        raise DyVTEError(f"{path} holds no router weights (keys {ROUTER_PREFIX}{{l}}.w1/w2.weight)")
+    layers = sorted({int(k.split(".")[0]) for k in tensors})
+    if layers != list(range(num_layers)):
+        raise DyVTEError(
+            f"router weights in {path} cover layers {layers[0]}..{layers[-1]} ({len(layers)} routers); "
+            f"the model has {num_layers} decoder layers (expected routers 0..{num_layers - 1})"
+        )
+    inner = tensors["0.w1.weight"].shape[0]
+    routers = Routers(num_layers, hidden_size, inner)
+    for i, router in enumerate(routers.layers):
+        for name, expected in (("w1", (inner, 2 * hidden_size)), ("w2", (2, inner))):
+            key = f"{i}.{name}.weight"
+            if key not in tensors:
+                raise DyVTEError(f"router weights in {path} lack {ROUTER_PREFIX}{key}")
+            got = tuple(tensors[key].shape)
+            if got != expected:
+                raise DyVTEError(
+                    f"router {ROUTER_PREFIX}{key} in {path} has shape {list(got)}, expected "
+                    f"{list(expected)} for hidden size {hidden_size}"
+                )
+            getattr(router, name).weight.data.copy_(tensors[key].float())
+    return routers
+
+
+def save_routers(routers: Routers, path: str | Path, metadata: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "dyvte-routers", "num_layers": str(len(routers))}
+    if metadata:
+        meta["summary"] = json.dumps(metadata)
+    save_file(routers.published_state_dict(), str(path), metadata=meta)
+    return path

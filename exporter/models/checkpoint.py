@@ -1,0 +1,121 @@
+"""Reading local checkpoint folders safely: JSON configs and safetensors only, clear errors.
+
+Nothing here unpickles: weights are read from .safetensors files (sharded or not), and every
+problem a user can cause (missing folder, missing or truncated file, absent keys) becomes a
+one-line `DyVTEError` that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from exporter.errors import DyVTEError
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DyVTEError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DyVTEError(f"cannot parse {path}: {exc}") from None
+
+
+def require_dir(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DyVTEError(f"{what} folder not found: {path}")
+    return path
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The .safetensors files of a folder, following a sharded index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise DyVTEError(f"missing weight shard {f} (listed in {index.name})")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise DyVTEError(
+                f"{folder} holds only pickle weights (.bin/.pt); convert them to .safetensors first"
+            )
+        raise DyVTEError(f"no .safetensors weights in {folder}")
+    return files
+
+
+def load_safetensors(folder: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """All tensors under `prefix` (prefix stripped) from the folder's weight files."""
+    out: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.startswith(prefix):
+                        out[key[len(prefix):]] = handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise DyVTEError(f"cannot read {f} (truncated or damaged?): {exc}") from None
+    return out
+
+
+def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy tensors into a module, refusing missing keys and shape mismatches by name."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DyVTEError(f"{where} lacks weights {', '.join(missing[:3])}{more}")
+    for key, value in own.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(value.shape):
+            raise DyVTEError(
+                f"{where}: weight {key} has shape {list(got.shape)}, expected {list(value.shape)}"
+            )
+    module.load_state_dict({k: tensors[k] for k in own}, strict=True)
+
+
+def wrap_load_errors(what: str, fn, *args, **kwargs):
+    """Run a transformers loader and turn its failures into one-line user errors."""
+    try:
+        return fn(*args, **kwargs)
+    except DyVTEError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DyVTEError(f"cannot load {what}: {msg}") from None
+
+
+def hf_from_pretrained(cls, path: Path, what: str, dtype: torch.dtype = torch.float32, **kwargs):
+    """`cls.from_pretrained` on a local folder, safetensors only, refusing missing weights.
+
+    transformers maps the published key layouts (e.g. `language_model.model.*` of `-hf` repos)
+    itself; what it would silently initialise at random is turned into an error here.
+    """
+    path = require_dir(Path(path), what)
+    read_json(path / "config.json")
+    weight_files(path)
+    model, info = wrap_load_errors(
+        f"{what} from {path}",
+        cls.from_pretrained,
+        str(path),
+        output_loading_info=True,
+        dtype=dtype,
+        use_safetensors=True,
+        local_files_only=True,
+        **kwargs,
+    )
+    for kind in ("missing_keys", "mismatched_keys"):
+        bad = sorted(str(k) for k in info.get(kind) or [])
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            label = "lacks weights" if kind == "missing_keys" else "has weights of the wrong shape:"
+            raise DyVTEError(f"{what} at {path} {label} {', '.join(bad[:3])}{more}")
+    return model.eval()

@@ -1,0 +1,144 @@
+"""The language-model half of every family, with the KV cache as explicit tensors.
+
+The weights stay in the transformers modules (Llama, Qwen2, ... layers); only the attention step
+is re-expressed so that past keys/values, position ids and the key mask are plain inputs and the
+new keys/values plain outputs. That is what lets one layer serve before and after the visual-token
+exit (only the shapes differ) and what the ONNX graphs are traced from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from exporter.errors import DyVTEError
+
+# Decoder-only LLMs whose layers follow the Llama layout (pre-norm, RoPE, GQA, gated MLP).
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Architecture numbers the runtime needs; everything else stays inside the graphs."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+
+
+def attention_bias(key_mask: torch.Tensor, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, S, K] from a key mask [B, K] (1 = real token, 0 = padding).
+
+    The queries are the last `num_queries` entries of the key axis, so causality is by cache index:
+    this holds before the exit, after it (the cache is just shorter) and with left padding.
+    """
+    total = key_mask.shape[-1]
+    query_index = torch.arange(num_queries, device=key_mask.device) + (total - num_queries)
+    key_index = torch.arange(total, device=key_mask.device)
+    causal = key_index[None, :] <= query_index[:, None]  # [S, K]
+    allowed = causal[None, :, :] & key_mask[:, None, :].bool()  # [B, S, K]
+    zero = torch.zeros((), dtype=dtype, device=key_mask.device)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=key_mask.device)
+    return torch.where(allowed, zero, blocked)[:, None, :, :]
+
+
+def layer_forward(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    bias: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder layer: returns the new hidden states and this layer's full key/value cache."""
+    attn = layer.self_attn
+    batch, seq, _ = hidden.shape
+    residual = hidden
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    key = torch.cat([past_key, k], dim=2)
+    value = torch.cat([past_value, v], dim=2)
+    groups = q.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(
+        q,
+        key.repeat_interleave(groups, dim=1),
+        value.repeat_interleave(groups, dim=1),
+        attn_mask=bias,
+        scale=attn.scaling,
+    )
+    hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, key, value
+
+
+class TextDecoder(nn.Module):
+    """Token embedding, decoder layers, final norm and LM head of a transformers causal LM."""
+
+    def __init__(self, base_model: nn.Module, lm_head: nn.Module, config):
+        super().__init__()
+        model_type = getattr(config, "model_type", "?")
+        if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+            raise DyVTEError(
+                f"unsupported language model type {model_type!r}; supported: "
+                + ", ".join(SUPPORTED_TEXT_MODEL_TYPES)
+            )
+        if getattr(config, "use_sliding_window", False):
+            raise DyVTEError("sliding-window attention layers are not supported")
+        self.config = config
+        self.embed_tokens = base_model.embed_tokens
+        self.layers = base_model.layers
+        self.norm = base_model.norm
+        self.rotary_emb = base_model.rotary_emb
+        self.lm_head = lm_head
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.shape = DecoderShape(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            vocab_size=config.vocab_size,
+            max_positions=config.max_position_embeddings,
+        )
+
+    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.rotary_emb(hidden, position_ids)
+
+    def empty_cache(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+        s = self.shape
+        return torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=dtype, device=device)
+
+    def run_layers(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]],
+    ):
+        """Layers [start, end) on one mode's tensors; `key_mask` covers past + new tokens."""
+        cos, sin = self.rope(hidden, position_ids)
+        bias = attention_bias(key_mask, hidden.shape[1], hidden.dtype)
+        presents = []
+        for i, layer_idx in enumerate(range(start, end)):
+            hidden, k, v = layer_forward(self.layers[layer_idx], hidden, cos, sin, bias, *past[i])
+            presents.append((k, v))
+        return hidden, presents
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))

@@ -1,0 +1,47 @@
+"""Independent references the tests compare against (transformers modules only, no exporter code)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+def random_image(seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+@torch.no_grad()
+def recompute_logits(base: nn.Module, lm_head: nn.Module, embeds: torch.Tensor,
+                     visual_span: tuple[int, int] | None, exit_layer: int | None) -> torch.Tensor:
+    """DyVTE's exit from scratch with a transformers base model, no cache: run the full sequence
+    to layer K, delete the visual rows (keeping the original position ids), run the rest.
+    Returns logits of the positions that remain ([1, S', vocab])."""
+    seq = embeds.shape[1]
+    positions = torch.arange(seq)[None]
+    out = base(inputs_embeds=embeds, position_ids=positions, output_hidden_states=True, use_cache=False)
+    if exit_layer is None or visual_span is None:
+        return lm_head(out.last_hidden_state)
+    hidden = out.hidden_states[exit_layer + 1]  # [0] is the embedding output
+    keep = [i for i in range(seq) if not visual_span[0] <= i < visual_span[1]]
+    layers = base.layers
+    base.layers = nn.ModuleList(list(layers)[exit_layer + 1:])
+    try:
+        # An explicit mask: without one, transformers reads the position gap as two packed sequences.
+        ones = torch.ones(1, len(keep), dtype=torch.long)
+        tail = base(inputs_embeds=hidden[:, keep], position_ids=positions[:, keep], attention_mask=ones,
+                    use_cache=False)
+    finally:
+        base.layers = layers
+    return lm_head(tail.last_hidden_state)
+
+
+def splice(embed: nn.Module, input_ids: list[int], visual_span, visual: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with the visual embeddings written over the image positions."""
+    ids = torch.tensor(input_ids).clamp(min=0)[None]
+    out = embed(ids).clone()
+    if visual_span is not None:
+        out[0, visual_span[0]:visual_span[1]] = visual
+    return out
