@@ -157,6 +157,7 @@ def test_router_mean_over_empty_text_span_uses_last_position():
 
 def test_dynamic_without_routers_is_refused():
     m = Vila().preset()
+    m.routers = None
     rt = Runtime(TorchBackend(m), m.processor)
     with pytest.raises(DyVTEError, match="no DyVTE routers"):
         rt.generate([rt.prepare("hi", random_image(0))], "dynamic")

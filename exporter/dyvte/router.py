@@ -57,6 +57,22 @@ class Routers(nn.Module):
         return out
 
 
+def seeded_routers(num_layers: int, hidden_size: int, seed: int, inner: int = ROUTER_INNER) -> Routers:
+    """Untrained routers for the random presets (they exercise the mechanism, nothing is learnt).
+
+    Seeded random weights, plus a drift that makes `logit[exit] - logit[keep]` grow with depth, so
+    exits land mid-network rather than all at layer 0 or never.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    routers = Routers(num_layers, hidden_size, inner)
+    for layer, r in enumerate(routers.layers):
+        r.w1.weight.data = torch.randn(r.w1.weight.shape, generator=generator) / (2 * hidden_size) ** 0.5
+        diff = 4.0 * torch.randn(inner, generator=generator) / inner ** 0.5
+        diff += 8.0 * (layer - (num_layers - 2) / 2) / inner
+        r.w2.weight.data = torch.stack([-diff / 2, diff / 2])
+    return routers
+
+
 def text_feature_weights(seq_len: int, visual_end: torch.Tensor, valid_end: torch.Tensor) -> torch.Tensor:
     """Weights [B, S] that average the text after the image, the last position excluded.
 

@@ -27,7 +27,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from exporter.dyvte.router import has_router_weights, load_routers
+from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
 from exporter.errors import DyVTEError
 from exporter.models.base import Family, MultimodalModel, Processor, hf_image_transform
 from exporter.models.checkpoint import (
@@ -236,7 +236,9 @@ class Vila(Family):
             "mm_projector_cfg": {"mm_projector_type": p["projector"]},
         }
         parts = VilaParts(llm, tower, projector.eval(), image_processor, tok, root)
-        return _assemble(parts, "vicuna_v1", {"preset": name, "seed": seed})
+        model = _assemble(parts, "vicuna_v1", {"preset": name, "seed": seed})
+        model.attach_routers(seeded_routers(llm_cfg.num_hidden_layers, llm_cfg.hidden_size, seed))
+        return model
 
     def load(self, checkpoint: Path, template: str | None = None, dtype=torch.float32, **_) -> MultimodalModel:
         checkpoint = require_dir(Path(checkpoint), "VILA checkpoint")
