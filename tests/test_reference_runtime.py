@@ -138,8 +138,12 @@ def test_sampling_is_per_sample_reproducible_alone_or_batched(runtime):
 def test_generation_stops_at_eos(model, runtime):
     prompt = prompts(runtime, 1)[0]
     first = runtime.generate([prompt], "none", GenerationConfig(max_new_tokens=4))[0].generated_ids
-    stopping = Runtime(TorchBackend(model), model.processor)
-    stopping.processor = type(model.processor)(**{**model.processor.__dict__, "eos_token_ids": [first[2]]})
+    from dataclasses import replace
+
+    from exporter.models.processor import Processor
+
+    spec = replace(model.processor.spec, stop_token_ids=[first[2]])
+    stopping = Runtime(TorchBackend(model), Processor(model.processor.tokenizer, model.processor.image_processor, spec))
     out = stopping.generate([prompt], "none", GenerationConfig(max_new_tokens=4))[0].generated_ids
     assert out == first[:2]
 

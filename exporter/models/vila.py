@@ -29,7 +29,8 @@ from transformers import (
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
 from exporter.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel, Processor, hf_image_transform
+from exporter.models.base import Family, MultimodalModel
+from exporter.models.processor import Processor, PromptSpec
 from exporter.models.checkpoint import (
     hf_from_pretrained,
     load_into,
@@ -189,17 +190,14 @@ def _assemble(parts: VilaParts, template_name: str | None, source: dict) -> Mult
     per_image = grid_tokens(vcfg.image_size, vcfg.patch_size, merge) - (
         1 if select_feature == "patch" and merge == 1 else 0
     )
-    aspect = root.get("image_aspect_ratio", "resize")
-    processor = Processor(
-        tokenizer=tok,
-        image_transform=hf_image_transform(parts.image_processor, aspect),
-        render=template.render,
+    spec = PromptSpec(
+        template=f"conversation:{template.name}",
         image_token_id=VILA_IMAGE_TOKEN_INDEX,
-        visual_tokens=lambda pixel_values: per_image * pixel_values.shape[0],
-        eos_token_ids=stop_token_ids(tok, template),
-        settings={"template": template.name, "image_aspect_ratio": aspect, "tokens_per_image": per_image,
-                  "image_size": vcfg.image_size},
+        tokens_per_tile=per_image,
+        image_aspect_ratio=root.get("image_aspect_ratio", "resize"),
+        stop_token_ids=stop_token_ids(tok, template),
     )
+    processor = Processor(tok, parts.image_processor, spec)
     decoder = TextDecoder(parts.llm.model, parts.llm.lm_head, parts.llm.config)
     model = MultimodalModel("vila", vision, decoder, processor, source=source)
     model.native = parts

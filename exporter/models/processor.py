@@ -1,0 +1,157 @@
+"""Prompt building and image preprocessing, as data that a package can carry.
+
+A `Processor` is a tokenizer, a transformers image processor and a `PromptSpec`: plain fields that
+say how the family's template is rendered and how the image placeholder becomes visual positions.
+The spec goes into the package manifest and the two processors' files into the package, so an
+exported runtime rebuilds exactly the same prompts with no family code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from exporter.errors import DyVTEError
+from exporter.models.base import IMAGE_PLACEHOLDER, Prompt
+from exporter.models.checkpoint import wrap_load_errors
+
+
+@dataclass
+class PromptSpec:
+    """How (question, image) becomes token ids, for one model.
+
+    template: `conversation:<name>` (a `templates.TEMPLATES` entry, original LLaVA/VILA/Eagle
+        layouts) or `chat_template` (the checkpoint's Jinja template, Hugging Face layouts).
+    image_marker: the text the rendered template holds where the image goes.
+    insertion: `splice` tokenizes the text around the marker and splices `image_token_id` n times
+        (LLaVA's `tokenizer_image_token`); `expand` replaces the marker by
+        `expand_prefix + expand_token * n + expand_suffix` and tokenizes the whole string, as
+        Hugging Face processors do (then `image_token_id` is `expand_token`'s id).
+    """
+
+    template: str
+    image_token_id: int
+    tokens_per_tile: int
+    chat_template: str | None = None
+    image_marker: str = IMAGE_PLACEHOLDER
+    insertion: str = "splice"
+    expand_prefix: str = ""
+    expand_token: str = ""
+    expand_suffix: str = ""
+    add_special_tokens: bool = True
+    image_aspect_ratio: str = "resize"
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PromptSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's `pad` aspect mode: centre the image on a square canvas of the mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+class Processor:
+    def __init__(self, tokenizer, image_processor, spec: PromptSpec):
+        if spec.image_aspect_ratio not in ("resize", "pad", "square"):
+            raise DyVTEError(f"unsupported image_aspect_ratio {spec.image_aspect_ratio!r} (supported: resize, pad)")
+        if spec.insertion not in ("splice", "expand"):
+            raise DyVTEError(f"unknown image insertion mode {spec.insertion!r}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.spec = spec
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.spec.stop_token_ids
+
+    # -------------------------------------------------------------- text
+
+    def render(self, question: str, has_image: bool) -> str:
+        spec = self.spec
+        if spec.template.startswith("conversation:"):
+            from exporter.models.templates import get_template
+
+            text = get_template(spec.template.split(":", 1)[1]).render(question, has_image)
+            return text.replace(IMAGE_PLACEHOLDER, spec.image_marker)
+        if spec.template == "chat_template":
+            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], chat_template=spec.chat_template,
+                add_generation_prompt=True, tokenize=False,
+            )
+        raise DyVTEError(f"unknown prompt template kind {spec.template!r}")
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    # -------------------------------------------------------------- image
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """Pixel values [tiles, 3, H, W] for one image."""
+        if self.spec.image_aspect_ratio == "pad":
+            mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+            image = expand_to_square(image, tuple(int(round(255 * m)) for m in mean))
+        out = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return out.reshape(-1, *out.shape[-3:])
+
+    # -------------------------------------------------------------- both
+
+    def build(self, question: str, image: Image.Image | None) -> Prompt:
+        spec = self.spec
+        text = self.render(question, image is not None)
+        if image is None:
+            return Prompt(self._encode(text, spec.add_special_tokens), None, None)
+        pixel_values = self.transform(image)
+        n = spec.tokens_per_tile * pixel_values.shape[0]
+        if text.count(spec.image_marker) != 1:
+            raise DyVTEError(f"the rendered prompt must hold the image marker {spec.image_marker!r} exactly once")
+        if spec.insertion == "expand":
+            expansion = spec.expand_prefix + spec.expand_token * n + spec.expand_suffix
+            ids = self._encode(text.replace(spec.image_marker, expansion), spec.add_special_tokens)
+            positions = [i for i, t in enumerate(ids) if t == spec.image_token_id]
+            if len(positions) != n or positions[-1] - positions[0] + 1 != n:
+                raise DyVTEError(f"expected {n} contiguous image tokens in the prompt, found {len(positions)}")
+            start = positions[0]
+        else:
+            before, _, after = text.partition(spec.image_marker)
+            head = self._encode(before, spec.add_special_tokens)
+            ids = head + [spec.image_token_id] * n + self._encode(after, False)
+            start = len(head)
+        return Prompt(ids, (start, start + n), pixel_values)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -------------------------------------------------------------- files
+
+    def save(self, folder: Path) -> None:
+        """Tokenizer and image-processor files, loadable by `Processor.load` with the spec."""
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.image_processor.save_pretrained(folder / "image_processor")
+
+    @classmethod
+    def load(cls, folder: Path, spec: PromptSpec) -> "Processor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        folder = Path(folder)
+        tok = wrap_load_errors(f"tokenizer from {folder}", AutoTokenizer.from_pretrained,
+                               str(folder / "tokenizer"), local_files_only=True)
+        img = wrap_load_errors(f"image processor from {folder}", AutoImageProcessor.from_pretrained,
+                               str(folder / "image_processor"), local_files_only=True)
+        return cls(tok, img, spec)
