@@ -101,15 +101,22 @@ class Runtime:
         policy: ExitPolicy | str = "dynamic",
         config: GenerationConfig | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        observe: Callable[[str, int, torch.Tensor], None] | None = None,
+        probe_routers: bool = False,
     ) -> list[Generation]:
+        """Generate for a batch. `on_token(sample, token)` streams tokens as they are chosen;
+        `observe(stage, sample, tensor)` sees every stage's output of the prefill (visual
+        embeddings, each segment's hidden states at the sample's real positions) for parity
+        checks; `probe_routers` records router logits at every candidate layer without acting on
+        them (with policy `none`)."""
         policy = ExitPolicy.parse(policy) if isinstance(policy, str) else policy
         config = config or GenerationConfig()
         self._check(prompts, policy, config)
         results = [Generation(list(p.input_ids), p.visual_span) for p in prompts]
         t0 = time.perf_counter()
-        visual = self._encode_images(prompts)
+        visual = self._encode_images(prompts, observe)
         t1 = time.perf_counter()
-        cohorts, first_logits = self._prefill(prompts, visual, policy, results)
+        cohorts, first_logits = self._prefill(prompts, visual, policy, results, observe, probe_routers)
         t2 = time.perf_counter()
         self._decode(cohorts, first_logits, prompts, config, results, on_token)
         t3 = time.perf_counter()
@@ -150,7 +157,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ stages
 
-    def _encode_images(self, prompts: list[Prompt]) -> list[torch.Tensor | None]:
+    def _encode_images(self, prompts: list[Prompt], observe=None) -> list[torch.Tensor | None]:
         """Visual embeddings per sample; images of equal shape go through the tower together."""
         out: list[torch.Tensor | None] = [None] * len(prompts)
         groups: dict[tuple, list[int]] = {}
@@ -163,6 +170,8 @@ class Runtime:
             tiles = [prompts[i].pixel_values.shape[0] for i in idx]
             for i, chunk in zip(idx, torch.split(feats, tiles)):
                 out[i] = chunk.reshape(-1, feats.shape[-1])
+                if observe:
+                    observe("vision", i, out[i])
                 if out[i].shape[0] != prompts[i].num_visual:
                     raise DyVTEError(
                         f"the vision graph gave {out[i].shape[0]} visual tokens but the prompt has "
@@ -196,7 +205,7 @@ class Runtime:
                 hidden[i, pad + s: pad + e] = visual[i].to(hidden.dtype)
         return Cohort(torch.arange(n), hidden, positions.to(dev), key_mask.to(dev), is_visual.to(dev))
 
-    def _prefill(self, prompts, visual, policy, results):
+    def _prefill(self, prompts, visual, policy, results, observe=None, probe=False):
         b = self.backend
         cohorts = [self._batch_inputs(prompts, visual)]
         for index, (start, end) in enumerate(b.segments):
@@ -207,7 +216,11 @@ class Runtime:
                 c.hidden, presents = b.run_segment(index, c.hidden, c.position_ids, c.key_mask,
                                                    [(empty, empty)] * (end - start))
                 c.caches.extend((k, v, c.key_mask) for k, v in presents)
-                nxt.extend(self._exit_step(c, end - 1, policy, results))
+                if observe:
+                    valid = c.key_mask.bool()
+                    for j, row in enumerate(c.rows.tolist()):
+                        observe(f"layers {start}-{end - 1}", row, c.hidden[j][valid[j]])
+                nxt.extend(self._exit_step(c, end - 1, policy, results, probe))
             cohorts = nxt
         logits = torch.zeros(len(prompts), b.shape.vocab_size, dtype=torch.float32)
         for c in cohorts:
@@ -216,16 +229,16 @@ class Runtime:
             r.first_logits = logits[i]
         return cohorts, logits
 
-    def _exit_step(self, c: Cohort, layer: int, policy: ExitPolicy, results) -> list[Cohort]:
+    def _exit_step(self, c: Cohort, layer: int, policy: ExitPolicy, results, probe=False) -> list[Cohort]:
         """Ask the policy whether samples of this cohort exit after `layer`; split if they differ."""
-        if layer >= self.backend.shape.num_layers - 1 or policy.kind == "none":
+        if layer >= self.backend.shape.num_layers - 1 or (policy.kind == "none" and not probe):
             return [c]
         has_visual = c.visual.any(dim=1)
         if not bool(has_visual.any()):
             return [c]
         if policy.kind == "static":
             leave = has_visual if layer == policy.layer else torch.zeros_like(has_visual)
-        elif layer in self.backend.router_layers:
+        elif layer in self.backend.router_layers and (policy.kind == "dynamic" or probe):
             visual_end = torch.where(
                 has_visual, c.visual.shape[1] - torch.argmax(c.visual.flip(1).to(torch.int8), dim=1), 0
             )
@@ -234,6 +247,8 @@ class Runtime:
             for row, lg, hv in zip(c.rows.tolist(), logits, has_visual.tolist()):
                 if hv:
                     results[row].router_logits[layer] = lg.tolist()
+            if policy.kind != "dynamic":
+                return [c]
             leave = exit_decision(logits).to(has_visual.device) & has_visual
         else:
             return [c]

@@ -56,7 +56,7 @@ def test_none_policy_logits_equal_parts_assembled_by_hand():
 
 def test_prompt_follows_vicuna_template_with_image_spliced():
     model = Vila().preset()
-    prompt = model.processor.build("how many stars?", random_image(2))
+    prompt = model.processor.build("how many zebras?", random_image(2))
     s, e = prompt.visual_span
     assert set(prompt.input_ids[s:e]) == {-200}
     tok = model.processor.tokenizer

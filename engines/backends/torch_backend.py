@@ -14,7 +14,8 @@ class TorchBackend:
         self.shape = model.shape
         num_layers = self.shape.num_layers
         self.segments = segments or [(layer, layer + 1) for layer in range(num_layers)]
-        self.router_layers = frozenset(range(num_layers - 1)) if model.routers is not None else frozenset()
+        ends = {end - 1 for _, end in self.segments if end < num_layers}
+        self.router_layers = frozenset(ends) if model.routers is not None else frozenset()
         param = next(model.decoder.parameters())
         self.dtype, self.device = param.dtype, param.device
 

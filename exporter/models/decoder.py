@@ -85,6 +85,24 @@ def layer_forward(
     return hidden, key, value
 
 
+def run_layers(
+    layers,
+    rotary: nn.Module,
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor,
+    key_mask: torch.Tensor,
+    past: list[tuple[torch.Tensor, torch.Tensor]],
+):
+    """Consecutive decoder layers on one mode's tensors; `key_mask` covers past + new tokens."""
+    cos, sin = rotary(hidden, position_ids)
+    bias = attention_bias(key_mask, hidden.shape[1], hidden.dtype)
+    presents = []
+    for layer, (past_key, past_value) in zip(layers, past):
+        hidden, k, v = layer_forward(layer, hidden, cos, sin, bias, past_key, past_value)
+        presents.append((k, v))
+    return hidden, presents
+
+
 class TextDecoder(nn.Module):
     """Token embedding, decoder layers, final norm and LM head of a transformers causal LM."""
 
@@ -115,30 +133,13 @@ class TextDecoder(nn.Module):
             max_positions=config.max_position_embeddings,
         )
 
-    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        return self.rotary_emb(hidden, position_ids)
-
     def empty_cache(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
         s = self.shape
         return torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=dtype, device=device)
 
-    def run_layers(
-        self,
-        start: int,
-        end: int,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        key_mask: torch.Tensor,
-        past: list[tuple[torch.Tensor, torch.Tensor]],
-    ):
-        """Layers [start, end) on one mode's tensors; `key_mask` covers past + new tokens."""
-        cos, sin = self.rope(hidden, position_ids)
-        bias = attention_bias(key_mask, hidden.shape[1], hidden.dtype)
-        presents = []
-        for i, layer_idx in enumerate(range(start, end)):
-            hidden, k, v = layer_forward(self.layers[layer_idx], hidden, cos, sin, bias, *past[i])
-            presents.append((k, v))
-        return hidden, presents
+    def run_layers(self, start: int, end: int, hidden, position_ids, key_mask, past):
+        """Layers [start, end) (see `run_layers`)."""
+        return run_layers(self.layers[start:end], self.rotary_emb, hidden, position_ids, key_mask, past)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))

@@ -1,0 +1,99 @@
+"""`python export.py --model vila`: export a DyVTE model to a deployable package, then validate it.
+
+The built-in model of the family is used unless `--checkpoint DIR` points at a local checkpoint in
+its native layout. The package (ONNX graphs split at the exit, the hyper-network, a manifest) goes
+to `./exports/<model>` by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from exporter.errors import DyVTEError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python export.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model family: vila, llava, internvl, eagle")
+    p.add_argument("--checkpoint", help="local checkpoint folder in the family's native layout")
+    p.add_argument("--routers", help="DyVTE router weights (.safetensors file or folder) to use instead")
+    p.add_argument("--vision-tower", help="local vision tower folder (original LLaVA layout)")
+    p.add_argument("--template", help="conversation template of original layouts (vicuna_v1, llama_3, hermes_2)")
+    p.add_argument("--output", help="package directory (default: ./exports/<model>)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--exit-window", help="START:END layers after which the exit may happen (inclusive), "
+                   "'auto' to calibrate on sample inputs, 'none' for no exit; default: every layer")
+    p.add_argument("--backend", choices=("onnx", "tensorrt", "all"), default="onnx",
+                   help="onnx: ONNX graphs; tensorrt/all: also build TensorRT engines (needs a GPU)")
+    p.add_argument("--no-validate", action="store_true", help="skip the parity validation after export")
+    p.add_argument("--images", help="folder of images for calibration/validation (default: built-in samples)")
+    p.add_argument("--prompts", help="text file, one prompt per line, for calibration/validation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def choose_plan(args, model, runtime_samples):
+    from exporter.plan import SplitPlan
+
+    layers = model.shape.num_layers
+    if args.exit_window == "auto":
+        if model.routers is None:
+            raise DyVTEError("--exit-window auto calibrates with the routers, and this model has none")
+        from engines.backends.torch_backend import TorchBackend
+        from engines.orchestrator import Runtime
+        from engines.policy import GenerationConfig
+
+        runtime = Runtime(TorchBackend(model), model.processor)
+        results = runtime.generate(runtime_samples(runtime), "dynamic", GenerationConfig(max_new_tokens=1))
+        plan = SplitPlan.from_exit_layers([r.exit_layer for r in results], layers)
+        print(f"calibration: exit layers {sorted(str(r.exit_layer) for r in results)} -> window {plan.window}",
+              file=sys.stderr)
+        return plan
+    return SplitPlan.parse(args.exit_window, layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except DyVTEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no package was written", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    from exporter.models import load_model
+    from exporter.package import export_onnx
+    from validation.samples import sample_prompts
+
+    options = {k: v for k, v in (("vision_tower", args.vision_tower), ("template", args.template)) if v}
+    model = load_model(args.model, args.checkpoint, args.routers, **options)
+    samples = lambda runtime: sample_prompts(runtime, args.images, args.prompts)  # noqa: E731
+    plan = choose_plan(args, model, samples)
+    output = Path(args.output or Path("exports") / args.model)
+    source = {"family": args.model, "checkpoint": args.checkpoint, "routers": args.routers, **options}
+    package = export_onnx(model, output, args.precision, plan, progress=not args.no_progress,
+                          extra_manifest={"source": source})
+    print(f"package written: {package}")
+    if args.backend in ("tensorrt", "all"):
+        from engines.backends.tensorrt_build import build_engines
+
+        build_engines(package)
+    if args.no_validate:
+        return 0
+    from validation.parity import validate_package
+
+    report = validate_package(package, model=model, images=args.images, prompts=args.prompts,
+                              progress=not args.no_progress)
+    print(report.summary())
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

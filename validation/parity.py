@@ -1,0 +1,249 @@
+"""Parity of an exported package against the PyTorch reference, runner by runner.
+
+Every runner (the reference, ONNX Runtime, TensorRT when a GPU is there) is a `Runtime` over the
+same inputs. With the exit disabled and the routers probed at every candidate layer, every stage is
+comparable: visual embeddings, each segment's hidden states, router logits, the final logits.
+Then the dynamic policy is run: exit layers and greedy tokens must agree; a router margin so small
+that precision could flip it is a *near tie*, listed apart from real disagreements.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engines.policy import GenerationConfig
+from exporter.errors import DyVTEError
+
+# Per precision; override with a JSON file (`--thresholds`). Errors are measured on float32 copies.
+DEFAULT_THRESHOLDS = {
+    "fp32": {"logits_max_abs": 1e-3, "stage_max_rel": 1e-4, "min_cosine": 0.99999, "near_tie": 1e-4,
+             "token_agreement": 1.0, "exit_layer_agreement": 1.0},
+    "fp16": {"logits_max_abs": 0.25, "stage_max_rel": 2e-2, "min_cosine": 0.999, "near_tie": 5e-2,
+             "token_agreement": 0.9, "exit_layer_agreement": 1.0},
+}
+
+
+@dataclass
+class RunnerOutput:
+    """What one runner produced for every sample."""
+
+    stages: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per sample: stage -> tensor
+    probe_logits: list[dict[int, list[float]]] = field(default_factory=list)
+    exit_layers: list[int | None] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_runner(runtime, prompts, max_new_tokens: int, dynamic: bool) -> RunnerOutput:
+    out = RunnerOutput(stages=[{} for _ in prompts])
+    start = time.perf_counter()
+
+    def observe(stage, sample, tensor):
+        out.stages[sample][stage] = tensor.detach().float().cpu()
+
+    probe = runtime.generate(prompts, "none", GenerationConfig(max_new_tokens=1), observe=observe,
+                             probe_routers=dynamic)
+    for i, r in enumerate(probe):
+        out.stages[i]["logits"] = r.first_logits.float()
+        for layer, logits in r.router_logits.items():
+            out.stages[i][f"router {layer}"] = torch.tensor(logits)
+        out.probe_logits.append(r.router_logits)
+    policy = "dynamic" if dynamic else "none"
+    for r in runtime.generate(prompts, policy, GenerationConfig(max_new_tokens=max_new_tokens)):
+        out.exit_layers.append(r.exit_layer)
+        out.tokens.append(r.generated_ids)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _stage_errors(ref: RunnerOutput, other: RunnerOutput) -> dict[str, dict]:
+    errors: dict[str, dict] = {}
+    for a_stages, b_stages in zip(ref.stages, other.stages):
+        for stage, a in a_stages.items():
+            b = b_stages.get(stage)
+            if b is None or b.shape != a.shape:
+                errors.setdefault(stage, {})["missing"] = True
+                continue
+            diff = float((a - b).abs().max())
+            scale = float(a.abs().max()) or 1.0
+            cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+            e = errors.setdefault(stage, {"max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0})
+            e["max_abs"] = max(e["max_abs"], diff)
+            e["max_rel"] = max(e["max_rel"], diff / scale)
+            e["min_cosine"] = min(e["min_cosine"], cos)
+    return errors
+
+
+def _near_tie(probe: dict[int, list[float]], upto: int | None, margin: float) -> list[int]:
+    """Layers (up to the decisive one) whose reference router margin is below `margin`."""
+    return [layer for layer, (keep, leave) in sorted(probe.items())
+            if (upto is None or layer <= upto) and abs(leave - keep) < margin]
+
+
+def _token_agreement(a: list[int], b: list[int]) -> float:
+    n = max(len(a), len(b))
+    if n == 0:
+        return 1.0
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same / n
+
+
+def compare(ref: RunnerOutput, other: RunnerOutput, thresholds: dict) -> dict:
+    stages = _stage_errors(ref, other)
+    logits = stages.get("logits", {})
+    near_ties, disagreements = [], []
+    for i, (a, b) in enumerate(zip(ref.exit_layers, other.exit_layers)):
+        if a == b:
+            continue
+        decisive = min(x for x in (a, b) if x is not None) if (a, b) != (None, None) else None
+        ties = _near_tie(ref.probe_logits[i], decisive, thresholds["near_tie"])
+        record = {"sample": i, "reference": a, "backend": b, "near_tie_layers": ties}
+        (near_ties if ties else disagreements).append(record)
+    n = max(len(ref.exit_layers), 1)
+    exit_agreement = 1.0 - len(disagreements) / n
+    tokens = [_token_agreement(a, b) for a, b, ea, eb in
+              zip(ref.tokens, other.tokens, ref.exit_layers, other.exit_layers) if ea == eb]
+    token_agreement = sum(tokens) / len(tokens) if tokens else 1.0
+    stage_fail = [s for s, e in stages.items() if s != "logits" and (
+        e.get("missing") or e["max_rel"] > thresholds["stage_max_rel"] or e["min_cosine"] < thresholds["min_cosine"])]
+    checks = {
+        "logits": bool(logits) and not logits.get("missing") and logits["max_abs"] <= thresholds["logits_max_abs"]
+        and logits["min_cosine"] >= thresholds["min_cosine"],
+        "stages": not stage_fail,
+        "exit_layers": exit_agreement >= thresholds["exit_layer_agreement"],
+        "tokens": token_agreement >= thresholds["token_agreement"],
+    }
+    return {
+        "passed": all(checks.values()),
+        "skipped": None,
+        "checks": checks,
+        "failed_stages": stage_fail,
+        "exit_layer_agreement": exit_agreement,
+        "logits_max_abs_diff": logits.get("max_abs"),
+        "logits_min_cosine": logits.get("min_cosine"),
+        "token_agreement": token_agreement,
+        "near_ties": near_ties,
+        "exit_disagreements": disagreements,
+        "stages": stages,
+        "exit_layers": other.exit_layers,
+        "seconds": round(other.seconds, 3),
+    }
+
+
+@dataclass
+class ParityReport:
+    data: dict
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.data["passed"])
+
+    def summary(self) -> str:
+        lines = [f"parity: {'PASSED' if self.passed else 'FAILED'} ({self.data['samples']} samples, "
+                 f"{self.data['precision']})"]
+        for name, b in self.data["backends"].items():
+            if b.get("skipped"):
+                lines.append(f"  {name:12s} skipped: {b['skipped']}")
+                continue
+            lines.append(
+                f"  {name:12s} {'pass' if b['passed'] else 'FAIL'}  logits max|diff| {b['logits_max_abs_diff']:.2e}"
+                f"  min cos {b['logits_min_cosine']:.6f}  exit agreement {b['exit_layer_agreement']:.0%}"
+                f"  tokens {b['token_agreement']:.0%}  near ties {len(b['near_ties'])}"
+            )
+            if b["failed_stages"]:
+                lines.append(f"  {'':12s} stages over threshold: {', '.join(b['failed_stages'])}")
+        if self.data.get("json"):
+            lines.append(f"  report: {self.data['json']}")
+        return "\n".join(lines)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def reference_runtime(package: Path, manifest: dict, model=None):
+    """The PyTorch reference with the package's segments (so it may exit where the package can)."""
+    from engines.backends.torch_backend import TorchBackend
+    from engines.orchestrator import Runtime
+    from exporter.models import load_model
+
+    if model is None:
+        src = dict(manifest.get("source") or {})
+        family = src.pop("family", manifest["family"])
+        checkpoint, routers = src.pop("checkpoint", None), src.pop("routers", None)
+        options = {k: v for k, v in src.items() if k in ("vision_tower", "template") and v}
+        model = load_model(family, checkpoint, routers, **options)
+    segments = [tuple(s) for s in manifest["split"]["segments"]]
+    return Runtime(TorchBackend(model, segments), model.processor)
+
+
+def validate_package(package, model=None, images=None, prompts=None, thresholds: dict | None = None,
+                     backends=("onnxruntime", "tensorrt"), max_new_tokens: int = 8, progress: bool = True,
+                     count: int = 8) -> ParityReport:
+    from engines.load import open_package
+    from exporter.package import load_manifest
+    from validation.samples import sample_prompts
+
+    package = Path(package)
+    manifest = load_manifest(package)
+    precision = manifest["precision"]
+    limits = {**DEFAULT_THRESHOLDS[precision], **(thresholds or {})}
+    reference = reference_runtime(package, manifest, model)
+    samples = sample_prompts(reference, images, prompts, count=count)
+    dynamic = bool(manifest["split"]["has_routers"] and manifest["split"]["exit_boundaries"])
+    ref = run_runner(reference, samples, max_new_tokens, dynamic)
+    results = {}
+    for name in backends:
+        if name == "tensorrt":
+            reason = tensorrt_unavailable()
+            if reason:
+                results[name] = {"passed": None, "skipped": reason}
+                continue
+        try:
+            runtime = open_package(package, backend=name, verify=False)
+        except DyVTEError as exc:
+            results[name] = {"passed": None, "skipped": str(exc)}
+            continue
+        results[name] = compare(ref, run_runner(runtime, samples, max_new_tokens, dynamic), limits)
+    ran = [r for r in results.values() if r.get("passed") is not None]
+    data = {
+        "passed": bool(ran) and all(r["passed"] for r in ran),
+        "samples": len(samples),
+        "precision": precision,
+        "thresholds": limits,
+        "policy": "dynamic" if dynamic else "none",
+        "reference": {"exit_layers": ref.exit_layers, "seconds": round(ref.seconds, 3)},
+        "backends": results,
+    }
+    report_dir = package / "report"
+    report_dir.mkdir(exist_ok=True)
+    path = report_dir / "parity.json"
+    path.write_text(json.dumps(_jsonable(data), indent=2))
+    data["json"] = str(path)
+    return ParityReport(data)
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why TensorRT cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the tensorrt package is not installed (pip install '.[gpu]')"
+    return "the TensorRT backend is not implemented in this build"
