@@ -43,6 +43,7 @@ class GraphSpec:
     example: Callable[[torch.dtype], tuple]
     layers: tuple[int, int] | None = None
     nested: list[int] = field(default_factory=list)  # inputs passed as one tuple (the past caches)
+    optimize: bool = True  # False keeps weights as the module holds them (shared tensors dedupe)
 
     def dynamic_shapes(self):
         auto = torch.export.Dim.AUTO
@@ -172,10 +173,13 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
             lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),
                         torch.full((EX_BATCH, EX_SEQ), 1.0 / EX_SEQ, dtype=dt), torch.tensor([1])),
         ))
+    # A head tied to the embedding must keep the weight untransposed on disk, so that the weights
+    # file holds it once; constant folding would store a transposed copy.
+    tied = model.decoder.lm_head.weight.data_ptr() == model.decoder.embed_tokens.weight.data_ptr()
     specs.append(GraphSpec(
         "lm_head", "lm_head", HeadGraph(model),
         [TensorSpec("hidden_states", "float", ("batch", "seq", hid))],
         [TensorSpec("logits", "float", ("batch", "seq", s.vocab_size))],
-        lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),),
+        lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),), optimize=not tied,
     ))
     return specs

@@ -46,7 +46,7 @@ def trace(spec: GraphSpec, dtype: torch.dtype) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                spec.module.eval(), args, dynamo=True, opset_version=OPSET, optimize=True,
+                spec.module.eval(), args, dynamo=True, opset_version=OPSET, optimize=spec.optimize,
                 input_names=names_in, output_names=names_out, dynamic_shapes=spec.dynamic_shapes(),
                 verbose=False, external_data=False,
             )
@@ -131,10 +131,10 @@ class SegmentTemplates:
             self.traced += 1
             return trace(spec, self.dtype)
         template, mapping = self.cache[n]
-        return _instantiate(template, mapping, spec)
+        return _instantiate(template, mapping, spec, self.dtype)
 
 
-def _instantiate(template: onnx.ModelProto, mapping: dict, spec: GraphSpec) -> onnx.ModelProto:
+def _instantiate(template: onnx.ModelProto, mapping: dict, spec: GraphSpec, dtype: torch.dtype) -> onnx.ModelProto:
     start = spec.layers[0]
     model = onnx.ModelProto()
     model.CopyFrom(template)
@@ -146,7 +146,7 @@ def _instantiate(template: onnx.ModelProto, mapping: dict, spec: GraphSpec) -> o
     layers = spec.module.layers
     for init_name, (param_name, transposed) in mapping.items():
         local, rest = param_name.split(".", 1)
-        arr = layers[int(local)].get_parameter(rest).detach().cpu().numpy()
+        arr = layers[int(local)].get_parameter(rest).detach().to(dtype).cpu().numpy()
         new_name = f"layers.{start + int(local)}.{rest}" + (".T" if transposed else "")
         rename[init_name] = new_name
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr.T if transposed else arr), new_name))
@@ -210,7 +210,20 @@ class WeightStore:
         self.handle.close()
 
 
+def _strip_debug_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node debug metadata (fx node, stack trace with local paths): it is
+    most of a graph file's size and says nothing a runtime needs."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _strip_debug_metadata(attr.g)
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info) + list(graph.initializer):
+        del value.metadata_props[:]
+
+
 def save_graph(model: onnx.ModelProto, path: Path, store: WeightStore) -> None:
+    _strip_debug_metadata(model.graph)
     store.externalize(model)
     model.producer_name = "dyvte-export"
     with open(path, "wb") as f:

@@ -31,3 +31,45 @@ def vila_copy(vila_checkpoint, tmp_path):
     import shutil
 
     return Path(shutil.copytree(vila_checkpoint, tmp_path / "vila"))
+
+
+QUESTIONS = ["what color is the circle?", "how many stars are there?", "is there a red square?",
+             "where is the triangle?", "what shape is at the top left?", "is the star big?"]
+TARGET_EXITS = [0, 1, None, 2, 1, 0]
+
+
+def sample_prompts(runtime, n=6):
+    return [runtime.prepare(QUESTIONS[i % len(QUESTIONS)], random_image(100 + i)) for i in range(n)]
+
+
+def model_with_exits(model):
+    """`model` with routers fitted so that `sample_prompts` exit at TARGET_EXITS."""
+    from engines.backends.torch_backend import TorchBackend
+    from engines.orchestrator import Runtime
+    from helpers import routers_with_exits
+
+    runtime = Runtime(TorchBackend(model), model.processor)
+    model.attach_routers(routers_with_exits(runtime, sample_prompts(runtime), TARGET_EXITS))
+    return model
+
+
+@pytest.fixture(scope="session")
+def vila_exit_model():
+    from exporter.models.vila import Vila
+
+    return model_with_exits(Vila().preset(seed=11))
+
+
+@pytest.fixture(scope="session")
+def vila_package(vila_exit_model, tmp_path_factory):
+    """fp32 package of the tiny VILA, every layer a possible exit."""
+    from exporter.package import export_onnx
+
+    return export_onnx(vila_exit_model, tmp_path_factory.mktemp("pkg") / "vila", "fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def vila_package_fp16(vila_exit_model, tmp_path_factory):
+    from exporter.package import export_onnx
+
+    return export_onnx(vila_exit_model, tmp_path_factory.mktemp("pkg16") / "vila", "fp16", progress=False)

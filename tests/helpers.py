@@ -45,3 +45,37 @@ def splice(embed: nn.Module, input_ids: list[int], visual_span, visual: torch.Te
     if visual_span is not None:
         out[0, visual_span[0]:visual_span[1]] = visual
     return out
+
+
+@torch.no_grad()
+def routers_with_exits(runtime, prompts, targets, margin: float = 5.0, inner: int = 64):
+    """Routers fitted (least squares on fixed random GELU features of each layer's real hidden
+    states) so that prompt i exits after layer targets[i] (None: never), with router logits of
+    +-margin: far from any tie that float noise could flip. Works for any family's runtime."""
+    from exporter.dyvte.router import Routers, router_features, text_feature_weights
+
+    shape = runtime.backend.shape
+    states: list[dict[int, torch.Tensor]] = [{} for _ in prompts]
+
+    def observe(stage, sample, tensor):
+        if stage.startswith("layers "):
+            last = int(stage.split("-")[-1])
+            states[sample][last] = tensor.float()
+
+    runtime.generate(prompts, "none", observe=observe)
+    torch.manual_seed(0)
+    routers = Routers(shape.num_layers, shape.hidden_size, inner=inner)
+    for layer, router in enumerate(routers.layers):
+        if not all(layer in s for s in states):
+            continue
+        feats = []
+        for prompt, s in zip(prompts, states):
+            hidden = s[layer][None]
+            weights = text_feature_weights(hidden.shape[1], torch.tensor([prompt.visual_span[1]]),
+                                           torch.tensor([hidden.shape[1]]))
+            feats.append(router_features(hidden, weights)[0])
+        inner_act = router.act(router.w1(torch.stack(feats)))
+        want = torch.tensor([margin if t == layer else -margin for t in targets])
+        target = torch.stack([-want / 2, want / 2], dim=1)
+        router.w2.weight.data = torch.linalg.lstsq(inner_act, target).solution.T.contiguous()
+    return routers

@@ -6,41 +6,16 @@ import torch
 from engines.backends.torch_backend import TorchBackend
 from engines.orchestrator import Runtime
 from engines.policy import GenerationConfig
-from exporter.dyvte.router import Routers, router_features, text_feature_weights
+from exporter.dyvte.router import router_features, text_feature_weights
 from exporter.errors import DyVTEError
 from exporter.models.vila import Vila
-from helpers import random_image, recompute_logits, splice
+from helpers import random_image, recompute_logits, routers_with_exits, splice
 
 QUESTIONS = ["what color is the circle?", "how many stars are there?", "is there a red square?",
              "where is the triangle?", "what shape is at the top left?", "is the star big?"]
 
 
 TARGET_EXITS = [0, 1, None, 2, 1, 0]  # per prompt of `prompts()`: the exit layer the routers give
-
-
-@torch.no_grad()
-def routers_with_exits(model, batch, targets, margin=5.0) -> Routers:
-    """Routers fitted (least squares on fixed random GELU features) so that prompt i exits after
-    layer targets[i]: router logits are +-margin, far from any tie float noise could flip."""
-    shape = model.shape
-    torch.manual_seed(0)
-    routers = Routers(shape.num_layers, shape.hidden_size, inner=64)
-    feats = [[] for _ in range(shape.num_layers)]
-    for prompt in batch:
-        visual = model.encode_images(prompt.pixel_values)
-        embeds = splice(model.decoder.embed_tokens, prompt.input_ids, prompt.visual_span, visual)
-        llm = model.native.llm
-        states = llm.model(inputs_embeds=embeds, output_hidden_states=True, use_cache=False).hidden_states
-        weights = text_feature_weights(embeds.shape[1], torch.tensor([prompt.visual_span[1]]),
-                                       torch.tensor([embeds.shape[1]]))
-        for layer in range(shape.num_layers):
-            feats[layer].append(router_features(states[layer + 1], weights)[0])
-    for layer, router in enumerate(routers.layers):
-        inner = router.act(router.w1(torch.stack(feats[layer])))  # [n, 64]
-        want = torch.tensor([margin if t == layer else -margin for t in targets])
-        target = torch.stack([-want / 2, want / 2], dim=1)  # logit[exit] - logit[keep] = want
-        router.w2.weight.data = torch.linalg.lstsq(inner, target).solution.T.contiguous()
-    return routers
 
 
 def prompts(runtime, n=6):
@@ -50,7 +25,8 @@ def prompts(runtime, n=6):
 @pytest.fixture(scope="module")
 def model():
     m = Vila().preset(seed=11)
-    m.attach_routers(routers_with_exits(m, prompts(Runtime(TorchBackend(m), m.processor)), TARGET_EXITS))
+    runtime = Runtime(TorchBackend(m), m.processor)
+    m.attach_routers(routers_with_exits(runtime, prompts(runtime), TARGET_EXITS))
     return m
 
 

@@ -7,9 +7,12 @@ from pathlib import Path
 from exporter.dyvte.router import load_routers
 from exporter.errors import DyVTEError
 from exporter.models.base import Family, MultimodalModel
+from exporter.models.eagle import Eagle
+from exporter.models.internvl import InternVL
+from exporter.models.llava import Llava
 from exporter.models.vila import Vila
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Vila(),)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Vila(), Llava(), InternVL(), Eagle())}
 
 
 def get_family(name: str) -> Family:

@@ -105,7 +105,8 @@ class Processor:
         """Pixel values [tiles, 3, H, W] for one image."""
         if self.spec.image_aspect_ratio == "pad":
             mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-            image = expand_to_square(image, tuple(int(round(255 * m)) for m in mean))
+            # int(), not round(): LLaVA's (and VILA's) expand2square truncates the mean colour
+            image = expand_to_square(image, tuple(int(255 * m) for m in mean))
         out = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
         return out.reshape(-1, *out.shape[-3:])
 
