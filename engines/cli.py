@@ -9,7 +9,7 @@ import sys
 from engines.policy import ExitPolicy, GenerationConfig
 from exporter.errors import DyVTEError
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--template", help="conversation template of original layouts (vicuna_v1, llama_3, hermes_2)")
     run.add_argument("--image", action="append", default=[], help="image file; repeat for a batch")
     run.add_argument("--prompt", action="append", default=[], help="question; repeat for a batch")
-    run.add_argument("--backend", default="torch", choices=BACKENDS)
+    run.add_argument("--backend", choices=BACKENDS,
+                     help="default: onnxruntime for a package, torch (the reference) for --model")
+    run.add_argument("--device", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                     help="onnxruntime execution provider: cpu, cuda, or tensorrt (the TensorRT EP)")
+    run.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     run.add_argument("--exit-policy", help="dynamic | none | layer:K (default: dynamic if routers exist)")
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -33,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    build = sub.add_parser("build", help="build TensorRT engines for a package (needs an NVIDIA GPU)")
+    build.add_argument("package")
     return parser
 
 
@@ -50,22 +56,27 @@ def _pairs(images: list[str], prompts: list[str]) -> list[tuple[str | None, str]
 
 
 def load_runtime(args):
-    from engines.backends.torch_backend import TorchBackend
-    from engines.orchestrator import Runtime
-    from exporter.models import load_model
+    from engines.load import open_model, open_package
 
     if args.package:
-        raise DyVTEError(
-            "running an exported package needs an exported-graph backend (onnxruntime/tensorrt), "
-            "which this build does not have yet; use --model/--checkpoint with --backend torch"
-        )
+        if args.model or args.checkpoint:
+            raise DyVTEError("give either a package directory or --model/--checkpoint, not both")
+        backend = args.backend or "onnxruntime"
+        if backend == "torch":  # the PyTorch reference of the model the package was exported from
+            from exporter.package import load_manifest
+            from validation.parity import reference_runtime
+
+            return reference_runtime(args.package, load_manifest(args.package))
+        return open_package(args.package, backend=backend, device=args.device)
     if not args.model:
         raise DyVTEError("give a package directory or --model FAMILY (with --checkpoint DIR for real weights)")
+    if args.backend not in (None, "torch"):
+        raise DyVTEError(f"--backend {args.backend} runs exported packages: export first (python export.py), "
+                         "then pass the package directory")
     options = {k: v for k, v in (("vision_tower", args.vision_tower), ("template", args.template)) if v}
     if options and not args.checkpoint:
         raise DyVTEError("--vision-tower and --template apply to --checkpoint folders only")
-    model = load_model(args.model, args.checkpoint, args.routers, **options)
-    return Runtime(TorchBackend(model), model.processor)
+    return open_model(args.model, args.checkpoint, args.routers, **options)
 
 
 def run(args) -> int:
@@ -81,7 +92,18 @@ def run(args) -> int:
     )
     pairs = _pairs(args.image, args.prompt)
     prompts = [runtime.prepare(text, load_image(img) if img else None) for img, text in pairs]
-    results = runtime.generate(prompts, policy, config)
+    stream = None
+    if args.stream and not args.json:
+        if len(prompts) > 1:
+            raise DyVTEError("--stream prints one sample's tokens; give one --prompt")
+        tok = runtime.processor
+
+        def stream(_sample, token):
+            print(tok.decode([token]), end=" ", flush=True)
+
+    results = runtime.generate(prompts, policy, config, on_token=stream)
+    if stream:
+        print()
     objects = [
         {
             "text": r.text,
@@ -91,7 +113,7 @@ def run(args) -> int:
             "exit_layer": r.exit_layer,
             "num_layers": runtime.backend.shape.num_layers,
             "exit_policy": str(policy),
-            "backend": args.backend,
+            "backend": args.backend or ("onnxruntime" if args.package else "torch"),
             "router_logits": {str(k): v for k, v in r.router_logits.items()},
             "timings_ms": {k: round(v, 3) for k, v in r.timings_ms.items()},
         }
@@ -102,7 +124,8 @@ def run(args) -> int:
     else:
         for obj in objects:
             exit_text = "never" if obj["exit_layer"] is None else f"after layer {obj['exit_layer']}"
-            print(obj["text"])
+            if not stream:
+                print(obj["text"])
             print(
                 f"  [visual tokens exit: {exit_text} of {obj['num_layers']}; policy {obj['exit_policy']}; "
                 f"{len(obj['generated_ids'])} tokens in {obj['timings_ms']['total']:.0f} ms]",
@@ -116,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run(args)
+        if args.command == "build":
+            from engines.backends.tensorrt_build import build_engines
+
+            build_engines(args.package)
+            return 0
     except DyVTEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -184,10 +184,14 @@ def reference_runtime(package: Path, manifest: dict, model=None):
 
     if model is None:
         src = dict(manifest.get("source") or {})
-        family = src.pop("family", manifest["family"])
-        checkpoint, routers = src.pop("checkpoint", None), src.pop("routers", None)
-        options = {k: v for k, v in src.items() if k in ("vision_tower", "template") and v}
-        model = load_model(family, checkpoint, routers, **options)
+        family = src.get("family", manifest["family"])
+        if "preset" in src:
+            from exporter.models import get_family
+
+            model = get_family(family).preset(seed=src.get("seed", 0))
+        else:
+            options = {k: v for k, v in src.items() if k in ("vision_tower", "template") and v}
+            model = load_model(family, src.get("checkpoint"), src.get("routers"), **options)
     segments = [tuple(s) for s in manifest["split"]["segments"]]
     return Runtime(TorchBackend(model, segments), model.processor)
 

@@ -1,0 +1,112 @@
+"""The ONNX Runtime backend against the PyTorch reference: every family, every policy, batches, threads."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from conftest import TARGET_EXITS, model_with_exits, sample_prompts
+from engines.backends.torch_backend import TorchBackend
+from engines.cli import main as engines_main
+from engines.load import open_package
+from engines.orchestrator import Runtime
+from engines.policy import GenerationConfig
+from exporter.package import export_onnx
+
+POLICIES = ["none", "layer:1", "dynamic"]
+CONFIG = GenerationConfig(max_new_tokens=5, keep_logits=True)
+
+
+@pytest.fixture(scope="module", params=["vila", "llava", "internvl", "eagle"])
+def family_pair(request, tmp_path_factory, vila_exit_model, vila_package):
+    """(reference runtime, onnxruntime runtime) for each family's preset, routers fitted so the
+    samples exit at TARGET_EXITS (varied layers, large margins)."""
+    if request.param == "vila":
+        model, package = vila_exit_model, vila_package
+    else:
+        from exporter.models import get_family
+
+        model = model_with_exits(get_family(request.param).preset(seed=5))
+        package = export_onnx(model, tmp_path_factory.mktemp(request.param) / "pkg", progress=False)
+    return Runtime(TorchBackend(model), model.processor), open_package(package)
+
+
+def assert_same(ref_results, ort_results):
+    for a, b in zip(ref_results, ort_results):
+        assert b.exit_layer == a.exit_layer
+        assert b.generated_ids == a.generated_ids
+        assert b.input_ids == a.input_ids and b.visual_span == a.visual_span
+        steps_a, steps_b = torch.stack(a.step_logits), torch.stack(b.step_logits).float()
+        torch.testing.assert_close(steps_b, steps_a, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_generations_equal_reference_single_and_batched(family_pair, policy):
+    reference, onnx_runtime = family_pair
+    prompts = sample_prompts(reference)
+    singles_ref = [reference.generate([p], policy, CONFIG)[0] for p in prompts]
+    singles_ort = [onnx_runtime.generate([p], policy, CONFIG)[0] for p in prompts]
+    assert_same(singles_ref, singles_ort)
+    if policy == "dynamic":
+        assert [r.exit_layer for r in singles_ort] == TARGET_EXITS
+    batched = onnx_runtime.generate(prompts, policy, CONFIG)
+    assert_same(singles_ref, batched)
+
+
+def test_threads_share_one_runtime(vila_package, vila_exit_model):
+    runtime = open_package(vila_package)
+    prompts = sample_prompts(runtime)
+    config = GenerationConfig(max_new_tokens=6)
+    sequential = [runtime.generate([p], "dynamic", config)[0].generated_ids for p in prompts]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                results.setdefault(i, []).append(runtime.generate([prompts[i]], "dynamic", config)[0].generated_ids)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, runs in results.items():
+        assert runs == [sequential[i]] * 3
+
+
+def test_cli_runs_a_package_with_the_json_contract(vila_package, image_file, capsys):
+    code = engines_main(["run", str(vila_package), "--image", str(image_file), "--prompt", "what color?",
+                         "--exit-policy", "layer:0", "--max-new-tokens", "3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["backend"] == "onnxruntime" and out["exit_layer"] == 0
+    assert {"text", "input_ids", "visual_span", "generated_ids", "timings_ms"} <= set(out)
+
+
+def test_streaming_prints_tokens_as_they_come(vila_package, image_file, capsys):
+    seen = []
+    runtime = open_package(vila_package)
+    prompt = runtime.prepare("what color?", __import__("helpers").random_image(0))
+    result = runtime.generate([prompt], "none", GenerationConfig(max_new_tokens=4),
+                              on_token=lambda i, t: seen.append((i, t)))[0]
+    assert seen == [(0, t) for t in result.generated_ids]
+    code = engines_main(["run", str(vila_package), "--image", str(image_file), "--prompt", "hi", "--stream",
+                         "--max-new-tokens", "3", "--exit-policy", "none"])
+    assert code == 0 and capsys.readouterr().out.strip()
+
+
+def test_cli_errors_for_packages(vila_package, image_file, tmp_path, capsys):
+    assert engines_main(["run", str(tmp_path), "--image", str(image_file), "--prompt", "hi"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert engines_main(["run", "--model", "vila", "--backend", "onnxruntime", "--image", str(image_file),
+                         "--prompt", "hi"]) == 2
+    assert "runs exported packages" in capsys.readouterr().err
+    assert engines_main(["run", str(vila_package), "--device", "cuda", "--image", str(image_file),
+                         "--prompt", "hi"]) == 2
+    assert "CUDAExecutionProvider" in capsys.readouterr().err
+    assert engines_main(["build", str(vila_package)]) == 2
+    assert "TensorRT" in capsys.readouterr().err
