@@ -183,3 +183,27 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
         lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),), optimize=not tied,
     ))
     return specs
+
+
+class MonolithicGraph(nn.Module):
+    """Every decoder layer, the final norm and the LM head (last position) in one graph: the shape
+    of a conventional decoder-with-past export, used as the benchmark's baseline."""
+
+    def __init__(self, model: MultimodalModel):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(self.decoder.layers))]
+        hidden, presents = run_layers(self.decoder.layers, self.decoder.rotary_emb, inputs_embeds, position_ids,
+                                      attention_mask, pairs)
+        return (self.decoder.logits(hidden[:, -1:, :]), *[t for kv in presents for t in kv])
+
+
+def monolithic_spec(model: MultimodalModel) -> GraphSpec:
+    s = model.shape
+    spec = segment_spec(s, SegmentGraph(model.decoder.layers, model.decoder.rotary_emb), 0)
+    spec.name, spec.role, spec.module = "monolithic", "monolithic", MonolithicGraph(model)
+    spec.inputs[0] = TensorSpec("inputs_embeds", "float", ("batch", "seq", s.hidden_size))
+    spec.outputs[0] = TensorSpec("logits", "float", ("batch", 1, s.vocab_size))
+    return spec

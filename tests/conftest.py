@@ -6,6 +6,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.manual_seed(0)
+# Tiny models: one thread is fastest, and two xdist workers with two OpenMP threads each on a
+# 2-core CI machine would spin against each other.
+torch.set_num_threads(1)
 
 from helpers import random_image  # noqa: E402
 

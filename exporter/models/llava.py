@@ -80,6 +80,17 @@ PRESETS = {
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     ),
+    # The benchmark shape of shared/design/ecosystem.md: a LLaVA-1.5-shaped decoder (hidden 1024, 12
+    # layers) behind a cheap CLIP that still yields 576 visual tokens (336 px, patch 14).
+    "bench": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=336, patch_size=14),
+        llm=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+                 num_key_value_heads=16, max_position_embeddings=2048, rms_norm_eps=1e-6),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    ),
 }
 
 

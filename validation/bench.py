@@ -1,0 +1,274 @@
+"""`python -m validation bench`: what DyVTE buys, measured side by side in one run.
+
+On a LLaVA-shaped model with random weights (hidden 1024, 12 layers, 576 visual + ~56 text tokens,
+the shape of shared/design/ecosystem.md) it measures, with medians over repeats:
+plain transformers (prefill, `generate`), transformers with the visual tokens dropped after layer K,
+one monolithic ONNX graph of the same decoder in ONNX Runtime (what optimum-onnx would export), and
+the DyVTE package in ONNX Runtime through the orchestrator (no exit, exit after K, dynamic). It
+prints ratios, and the analytic FLOPs ratio each exit speed-up should approach.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.policy import GenerationConfig
+
+TEXT_TOKENS = 56
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="bench", help="LLaVA preset to build (default: bench)")
+    parser.add_argument("--exit-layer", type=int, default=3, help="K of the static exit (default 3)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--workdir", help="keep the exported graphs here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the results to this file")
+
+
+def _median(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _prompt(runtime, num_text: int):
+    """One image plus a question padded so the prompt has `num_text` text tokens."""
+    from PIL import Image
+
+    image = Image.new("RGB", (336, 336), (90, 140, 200))
+    words = ["what", "color", "is", "the", "big", "circle"]
+    for n in range(1, 400):
+        prompt = runtime.prepare(" ".join((words * 100)[:n]), image)
+        if len(prompt.input_ids) - prompt.num_visual >= num_text:
+            break
+    return prompt
+
+
+class TransformersBaseline:
+    """The same weights through transformers' own Llama forward (the ecosystem's reference figure)."""
+
+    def __init__(self, model, prompt):
+        hf = model.native.hf
+        self.lm = hf.model.language_model
+        self.head = hf.lm_head
+        visual = model.encode_images(prompt.pixel_values)
+        ids = torch.tensor(prompt.input_ids).clamp(min=0)[None]
+        embeds = model.decoder.embed_tokens(ids).detach().clone()
+        embeds[0, prompt.visual_span[0]:prompt.visual_span[1]] = visual
+        self.embeds = embeds
+        self.span = prompt.visual_span
+
+    @torch.no_grad()
+    def prefill(self, exit_layer: int | None = None):
+        seq = self.embeds.shape[1]
+        positions = torch.arange(seq)[None]
+        if exit_layer is None:
+            out = self.lm(inputs_embeds=self.embeds, position_ids=positions, use_cache=False)
+            return self.head(out.last_hidden_state[:, -1:])
+        layers = self.lm.layers
+        keep = [i for i in range(seq) if not self.span[0] <= i < self.span[1]]
+        try:
+            self.lm.layers = torch.nn.ModuleList(list(layers)[: exit_layer + 1])
+            hidden = self.lm(inputs_embeds=self.embeds, position_ids=positions, use_cache=False,
+                             output_hidden_states=True).hidden_states[-2]
+            self.lm.layers = torch.nn.ModuleList(list(layers)[exit_layer + 1:])
+            out = self.lm(inputs_embeds=hidden[:, keep], position_ids=positions[:, keep],
+                          attention_mask=torch.ones(1, len(keep), dtype=torch.long), use_cache=False)
+        finally:
+            self.lm.layers = layers
+        return self.head(out.last_hidden_state[:, -1:])
+
+    @torch.no_grad()
+    def generate(self, tokens: int):
+        from transformers import LlamaForCausalLM
+
+        if not hasattr(self, "_lm_causal"):
+            causal = LlamaForCausalLM(self.lm.config)
+            causal.model, causal.lm_head = self.lm, self.head
+            self._lm_causal = causal.eval()
+        return self._lm_causal.generate(inputs_embeds=self.embeds, max_new_tokens=tokens, min_new_tokens=tokens,
+                                        do_sample=False, attention_mask=torch.ones(self.embeds.shape[:2], dtype=torch.long))
+
+
+class MonolithicBaseline:
+    """One ONNX graph with every layer + norm + head, run the usual way (numpy feeds, past/present)."""
+
+    def __init__(self, path: Path, model, embeds: np.ndarray):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.shape = model.shape
+        self.embeds = embeds
+        self.table = model.decoder.embed_tokens.weight.detach().numpy().astype(embeds.dtype)
+
+    def _feeds(self, embeds, positions, mask, past):
+        feeds = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask}
+        for layer in range(self.shape.num_layers):
+            feeds[f"past.{layer}.key"], feeds[f"past.{layer}.value"] = past[layer]
+        return feeds
+
+    def _empty(self):
+        s = self.shape
+        empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), dtype=self.embeds.dtype)
+        return [(empty, empty)] * s.num_layers
+
+    def prefill(self):
+        seq = self.embeds.shape[1]
+        return self.session.run(None, self._feeds(self.embeds, np.arange(seq, dtype=np.int64)[None],
+                                                  np.ones((1, seq), dtype=np.int64), self._empty()))
+
+    def decode(self, tokens: int):
+        out = self.prefill()
+        seq = self.embeds.shape[1]
+        for step in range(tokens):
+            past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.shape.num_layers)]
+            token = int(out[0][0, -1].argmax())
+            out = self.session.run(None, self._feeds(self.table[token][None, None],
+                                                     np.array([[seq + step]], dtype=np.int64),
+                                                     np.ones((1, seq + step + 1), dtype=np.int64), past))
+
+
+def _export(model, folder: Path, precision: str):
+    from exporter.graphs import monolithic_spec
+    from exporter.onnx_export import WeightStore, save_graph, trace
+    from exporter.package import DTYPES, export_onnx
+
+    package = export_onnx(model, folder / "dyvte", precision, progress=True)
+    mono = folder / "monolithic"
+    mono.mkdir(exist_ok=True)
+    store = WeightStore(mono / "weights.bin")
+    print("export monolithic baseline graph ...", file=sys.stderr)
+    save_graph(trace(monolithic_spec(model), DTYPES[precision]), mono / "monolithic.onnx", store)
+    store.close()
+    return package, mono / "monolithic.onnx"
+
+
+def run_bench(preset: str = "bench", exit_layer: int = 3, repeats: int = 5, decode_tokens: int = 16,
+              precision: str = "fp32", workdir: str | None = None) -> dict:
+    from engines.backends.torch_backend import TorchBackend
+    from engines.load import open_package
+    from engines.orchestrator import Runtime
+    from exporter.dyvte.flops import FlopsShape, flops_ratio
+    from exporter.models.llava import Llava
+
+    torch.manual_seed(0)
+    model = Llava().preset(seed=0, name=preset)
+    reference = Runtime(TorchBackend(model), model.processor)
+    prompt = _prompt(reference, TEXT_TOKENS)
+    num_visual, num_text = prompt.num_visual, len(prompt.input_ids) - prompt.num_visual
+    tmp = tempfile.TemporaryDirectory() if workdir is None else None
+    folder = Path(workdir or tmp.name)
+    package, mono_path = _export(model, folder, precision)
+    runtime = open_package(package, verify=False)
+    hf = TransformersBaseline(model, prompt)
+    mono = MonolithicBaseline(mono_path, model, hf.embeds.numpy().astype(
+        np.float16 if precision == "fp16" else np.float32))
+
+    def orchestrated(policy, tokens):
+        return runtime.generate([prompt], policy, GenerationConfig(max_new_tokens=tokens))[0]
+
+    k = exit_layer
+    r = {}
+    print("measuring ...", file=sys.stderr)
+    r["hf_prefill_s"] = _median(lambda: hf.prefill(), repeats)
+    r["hf_prefill_exit_s"] = _median(lambda: hf.prefill(k), repeats)
+    r["mono_prefill_s"] = _median(mono.prefill, repeats)
+    prefill = {}
+    for policy in ("none", f"layer:{k}", "dynamic"):
+        prefill[policy] = statistics.median(
+            [orchestrated(policy, 1).timings_ms["prefill"] / 1e3 for _ in range(repeats + 1)][1:])
+    r["ort_prefill_none_s"], r["ort_prefill_exit_s"] = prefill["none"], prefill[f"layer:{k}"]
+    r["ort_prefill_dynamic_s"] = prefill["dynamic"]
+    r["dynamic_exit_layer"] = orchestrated("dynamic", 1).exit_layer
+    n = decode_tokens
+    r["hf_decode_ms_per_token"] = 1e3 * (_median(lambda: hf.generate(n + 1), max(1, repeats // 2))
+                                         - r["hf_prefill_s"]) / n
+    r["mono_decode_ms_per_token"] = 1e3 * (_median(lambda: mono.decode(n), max(1, repeats // 2))
+                                           - r["mono_prefill_s"]) / n
+    for policy, key in (("none", "ort_decode_none_ms_per_token"), (f"layer:{k}", "ort_decode_exit_ms_per_token")):
+        runs = [orchestrated(policy, n + 1).timings_ms["decode"] / n for _ in range(max(1, repeats // 2) + 1)][1:]
+        r[key] = statistics.median(runs)
+    shape = FlopsShape.of(model)
+    analytic = 1 / flops_ratio(shape, num_text, num_visual, k)
+    s = model.shape
+    kv_per_token = 2 * s.num_kv_heads * s.head_dim * (2 if precision == "fp16" else 4)
+    r.update({
+        "machine": _machine(),
+        "shape": {"layers": s.num_layers, "hidden": s.hidden_size, "visual_tokens": num_visual,
+                  "text_tokens": num_text, "precision": precision, "exit_layer": k},
+        "analytic_speedup": analytic,
+        "hf_exit_speedup": r["hf_prefill_s"] / r["hf_prefill_exit_s"],
+        "ort_exit_speedup": r["ort_prefill_none_s"] / r["ort_prefill_exit_s"],
+        "ort_dynamic_speedup": r["ort_prefill_none_s"] / r["ort_prefill_dynamic_s"],
+        "orchestrated_vs_monolithic_prefill": r["ort_prefill_none_s"] / r["mono_prefill_s"],
+        "orchestrated_vs_monolithic_decode": r["ort_decode_none_ms_per_token"] / r["mono_decode_ms_per_token"],
+        "exit_decode_vs_monolithic": r["ort_decode_exit_ms_per_token"] / r["mono_decode_ms_per_token"],
+        "dyvte_vs_transformers_prefill": r["hf_prefill_s"] / r["ort_prefill_exit_s"],
+        "dyvte_vs_transformers_decode": r["hf_decode_ms_per_token"] / r["ort_decode_exit_ms_per_token"],
+        "kv_bytes_saved": (s.num_layers - k - 1) * num_visual * kv_per_token,
+        "kv_bytes_full": s.num_layers * (num_visual + num_text) * kv_per_token,
+    })
+    r["hf_exit_efficiency"] = r["hf_exit_speedup"] / analytic
+    r["ort_exit_efficiency"] = r["ort_exit_speedup"] / analytic
+    if tmp is not None:
+        tmp.cleanup()
+    return r
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} threads {torch.get_num_threads()}"
+
+
+def table(r: dict) -> str:
+    k = r["shape"]["exit_layer"]
+    rows = [
+        ("prefill, exit after layer %d vs no exit (ONNX Runtime, DyVTE package)" % k,
+         f"{r['ort_exit_speedup']:.2f}x", f"{r['ort_exit_efficiency']:.0%} of analytic {r['analytic_speedup']:.2f}x"),
+        ("prefill, exit after layer %d vs no exit (plain PyTorch)" % k,
+         f"{r['hf_exit_speedup']:.2f}x", f"{r['hf_exit_efficiency']:.0%} of analytic"),
+        ("prefill, dynamic (exit after %s) vs no exit (ONNX Runtime)" % r["dynamic_exit_layer"],
+         f"{r['ort_dynamic_speedup']:.2f}x", ""),
+        ("prefill, orchestrated no-exit / monolithic graph (time ratio)",
+         f"{r['orchestrated_vs_monolithic_prefill']:.3f}", f"{r['ort_prefill_none_s']:.3f}s vs {r['mono_prefill_s']:.3f}s"),
+        ("decode/token, orchestrated no-exit / monolithic graph (time ratio)",
+         f"{r['orchestrated_vs_monolithic_decode']:.3f}",
+         f"{r['ort_decode_none_ms_per_token']:.1f} vs {r['mono_decode_ms_per_token']:.1f} ms"),
+        ("decode/token, after exit / monolithic graph (time ratio)",
+         f"{r['exit_decode_vs_monolithic']:.3f}", f"{r['ort_decode_exit_ms_per_token']:.1f} ms"),
+        ("prefill, DyVTE (exit %d) in ONNX Runtime vs transformers (speed-up)" % k,
+         f"{r['dyvte_vs_transformers_prefill']:.2f}x", f"{r['hf_prefill_s']:.3f}s vs {r['ort_prefill_exit_s']:.3f}s"),
+        ("decode/token, DyVTE in ONNX Runtime vs transformers generate (speed-up)",
+         f"{r['dyvte_vs_transformers_decode']:.2f}x", f"{r['hf_decode_ms_per_token']:.1f} ms in transformers"),
+        ("KV cache saved by the exit", f"{r['kv_bytes_saved'] / 2**20:.1f} MiB",
+         f"of {r['kv_bytes_full'] / 2**20:.1f} MiB"),
+    ]
+    width = max(len(a) for a, _, _ in rows)
+    head = (f"DyVTE benchmark: {r['shape']['layers']} layers, hidden {r['shape']['hidden']}, "
+            f"{r['shape']['visual_tokens']} visual + {r['shape']['text_tokens']} text tokens, "
+            f"{r['shape']['precision']}; {r['machine']}")
+    return "\n".join([head] + [f"  {a:<{width}}  {b:>9}  {c}" for a, b, c in rows])
+
+
+def run(args) -> int:
+    r = run_bench(args.preset, args.exit_layer, args.repeats, args.decode_tokens, args.precision, args.workdir)
+    print(table(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
