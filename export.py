@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the parity validation after export")
     p.add_argument("--images", help="folder of images for calibration/validation (default: built-in samples)")
     p.add_argument("--prompts", help="text file, one prompt per line, for calibration/validation")
+    p.add_argument("--thresholds", help="JSON file overriding the parity thresholds of the precision")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -88,9 +89,10 @@ def run(args) -> int:
     if args.no_validate:
         return 0
     from validation.parity import validate_package
+    from validation.report_cli import read_thresholds
 
     report = validate_package(package, model=model, images=args.images, prompts=args.prompts,
-                              progress=not args.no_progress)
+                              thresholds=read_thresholds(args.thresholds), progress=not args.no_progress)
     print(report.summary())
     return 0 if report.passed else 1
 

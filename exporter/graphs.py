@@ -87,27 +87,29 @@ class SegmentGraph(nn.Module):
 
 
 class HypernetGraph(nn.Module):
-    """All routers in one graph: `layer` picks router l's weights from stacked tensors."""
+    """All routers in one graph: `layer` picks router l's weights from the stacked tensors (the
+    stacking is folded into one initializer at export)."""
 
     def __init__(self, routers: Routers):
         super().__init__()
-        self.w1 = nn.Parameter(torch.stack([r.w1.weight for r in routers.layers]).detach())
-        self.w2 = nn.Parameter(torch.stack([r.w2.weight for r in routers.layers]).detach())
+        self.routers = routers
 
     def forward(self, hidden_states, text_weights, layer):
         features = router_features(hidden_states, text_weights)
-        w1 = torch.index_select(self.w1, 0, layer)[0]
-        w2 = torch.index_select(self.w2, 0, layer)[0]
+        w1 = torch.index_select(torch.stack([r.w1.weight for r in self.routers.layers]), 0, layer)[0]
+        w2 = torch.index_select(torch.stack([r.w2.weight for r in self.routers.layers]), 0, layer)[0]
         return nn.functional.gelu(features @ w1.T) @ w2.T
 
 
 class HeadGraph(nn.Module):
+    """Final norm + LM head (holding only those two modules, so exporting it touches no layer)."""
+
     def __init__(self, model: MultimodalModel):
         super().__init__()
-        self.decoder = model.decoder
+        self.norm, self.lm_head = model.decoder.norm, model.decoder.lm_head
 
     def forward(self, hidden_states):
-        return self.decoder.logits(hidden_states)
+        return self.lm_head(self.norm(hidden_states))
 
 
 def segment_name(start: int, end: int) -> str:

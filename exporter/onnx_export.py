@@ -77,6 +77,8 @@ def name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
 def _randomised_copy(layers, rotary, dtype) -> SegmentGraph:
     generator = torch.Generator().manual_seed(1234)
     graph = SegmentGraph([copy.deepcopy(layer) for layer in layers], rotary)
+    if any(p.is_meta for p in graph.layers.parameters()):  # layers not loaded yet (streamed export)
+        graph.layers.to_empty(device="cpu")
     with torch.no_grad():
         for p in graph.layers.parameters():
             p.copy_((torch.rand(p.shape, generator=generator) + 0.5).to(p.dtype))

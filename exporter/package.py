@@ -16,7 +16,9 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from PIL import Image
@@ -48,8 +50,9 @@ def weights_bytes(model: MultimodalModel, precision: str) -> int:
     seen, total = set(), 0
     size = torch.tensor([], dtype=DTYPES[precision]).element_size()
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        key = id(p) if p.is_meta else p.data_ptr()  # meta tensors (not loaded yet) share data_ptr 0
+        if key not in seen:
+            seen.add(key)
             total += p.numel() * size
     return total
 
@@ -82,8 +85,13 @@ def export_onnx(
     progress: bool = True,
     overwrite: bool = True,
     extra_manifest: dict | None = None,
+    materialize: Callable[[torch.nn.Module], ContextManager] | None = None,
 ) -> Path:
-    """Write the package for `model` to `output` (atomically) and return its path."""
+    """Write the package for `model` to `output` (atomically) and return its path.
+
+    `materialize(module)` is entered around each graph's export: a model whose weights are not
+    in memory yet (meta tensors) loads them there and drops them on exit, so peak memory stays
+    near the largest graph rather than the whole model."""
     if precision not in DTYPES:
         raise DyVTEError(f"unknown precision {precision!r}; choose fp32 or fp16")
     output = Path(output).resolve()
@@ -97,7 +105,7 @@ def export_onnx(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "graphs").mkdir(parents=True)
     try:
-        graphs = _export_graphs(model, tmp / "graphs", dtype, plan, progress)
+        graphs = _export_graphs(model, tmp / "graphs", dtype, plan, progress, materialize or _in_memory)
         model.processor.save(tmp / "processor")
         manifest = _manifest(model, precision, plan, graphs, started)
         manifest.update(extra_manifest or {})
@@ -109,7 +117,12 @@ def export_onnx(
     return output
 
 
-def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool) -> list[dict]:
+@contextmanager
+def _in_memory(module):
+    yield module
+
+
+def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool, materialize) -> list[dict]:
     specs = graph_specs(model, plan.segments, _image_shape(model))
     store = WeightStore(folder / "weights.bin")
     templates = SegmentTemplates(dtype)
@@ -118,15 +131,18 @@ def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool) 
     for spec in bar:
         bar.set_description(f"export {spec.name}")
         t0 = time.perf_counter()
-        if spec.role == "decoder":
-            proto = templates.build(spec, model.shape)
-        else:
-            if next(spec.module.parameters()).dtype != dtype:
-                spec.module = copy.deepcopy(spec.module).to(dtype)
-            proto = trace(spec, dtype)
         path = folder / f"{spec.name}.onnx"
-        save_graph(proto, path, store)
-        del proto
+        with materialize(spec.module):
+            if spec.role == "decoder":
+                proto = templates.build(spec, model.shape)
+            else:
+                module = spec.module
+                if next(module.parameters()).dtype != dtype:
+                    spec.module = copy.deepcopy(module).to(dtype)
+                proto = trace(spec, dtype)
+                spec.module = module
+            save_graph(proto, path, store)
+            del proto
         lint = check_graph(path)
         if lint:
             raise DyVTEError(f"graph {spec.name} would not parse in TensorRT: {lint[0]} ({len(lint)} problems)")
@@ -159,6 +175,7 @@ def _manifest(model: MultimodalModel, precision: str, plan: SplitPlan, graphs: l
             "num_layers": s.num_layers, "hidden_size": s.hidden_size, "num_heads": s.num_heads,
             "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "vocab_size": s.vocab_size,
             "max_positions": s.max_positions, "visual_tokens_per_tile": spec.tokens_per_tile,
+            "intermediate_size": getattr(model.decoder.config, "intermediate_size", None),
             "image_shape": list(_image_shape(model)),
         },
         "split": {

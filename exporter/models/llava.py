@@ -80,6 +80,17 @@ PRESETS = {
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     ),
+    # LLaVA-1.5-7B's real shapes (CLIP ViT-L/14 at 336 px, Vicuna-7B): for the large-model export benchmark,
+    # built on the meta device and streamed (validation/export_bench.py), never allocated whole.
+    "llava-1.5-7b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768),
+        llm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    ),
     # The benchmark shape of shared/design/ecosystem.md: a LLaVA-1.5-shaped decoder (hidden 1024, 12
     # layers) behind a cheap CLIP that still yields 576 visual tokens (336 px, patch 14).
     "bench": dict(
@@ -342,8 +353,10 @@ class Llava(Family):
         p = PRESETS[name]
         torch.manual_seed(seed)
         tok = build_word_tokenizer()
-        text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **p["llm"])
+        # a preset may give a larger vocabulary than the word tokenizer's (real shapes)
+        text = LlamaConfig(**{"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                              "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                              "tie_word_embeddings": False, **p["llm"]})
         vision = CLIPVisionConfig(**p["vision"])
         side = vision.image_size // vision.patch_size
         cfg = LlavaConfig(
