@@ -3,6 +3,7 @@
 # an unpinned torch would pull a multi-GB CUDA build.
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CHROMIUM := /usr/bin/chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -11,11 +12,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	rm -f .venv/.installed-*; touch $@
 
+# The HTML parity report's test opens the page in Debian's headless chromium (CI runs as root).
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
 .PHONY: setup demo test
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) export.py --model vila
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -n 2 tests

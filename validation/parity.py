@@ -127,6 +127,7 @@ def compare(ref: RunnerOutput, other: RunnerOutput, thresholds: dict) -> dict:
         "skipped": None,
         "checks": checks,
         "failed_stages": stage_fail,
+        "first_failed_stage": stage_fail[0] if stage_fail else None,
         "exit_layer_agreement": exit_agreement,
         "logits_max_abs_diff": logits.get("max_abs"),
         "logits_min_cosine": logits.get("min_cosine"),
@@ -160,9 +161,12 @@ class ParityReport:
                 f"  tokens {b['token_agreement']:.0%}  near ties {len(b['near_ties'])}"
             )
             if b["failed_stages"]:
-                lines.append(f"  {'':12s} stages over threshold: {', '.join(b['failed_stages'])}")
+                lines.append(f"  {'':12s} first diverging stage: {b['first_failed_stage']} "
+                             f"(over threshold: {', '.join(b['failed_stages'])})")
         if self.data.get("json"):
             lines.append(f"  report: {self.data['json']}")
+        if self.data.get("html"):
+            lines.append(f"  html:   {self.data['html']}")
         return "\n".join(lines)
 
 
@@ -196,9 +200,54 @@ def reference_runtime(package: Path, manifest: dict, model=None):
     return Runtime(TorchBackend(model, segments), model.processor)
 
 
+def measure_speed(runtime, prompt, exit_layer: int | None, repeats: int = 3, decode_tokens: int = 8) -> dict:
+    """Prefill and per-token decode latency (medians over `repeats`, after one warm-up) with the
+    exit disabled and with the exit after `exit_layer`, on one prompt."""
+    out = {}
+    policies = {"none": "none"} if exit_layer is None else {"none": "none", "exit": f"layer:{exit_layer}"}
+    config = GenerationConfig(max_new_tokens=decode_tokens + 1)
+    for key, policy in policies.items():
+        runs = [runtime.generate([prompt], policy, config)[0] for _ in range(repeats + 1)][1:]
+
+        def median(values):
+            return sorted(values)[len(values) // 2]
+
+        out[f"prefill_ms_{key}"] = median([r.timings_ms["prefill"] for r in runs])
+        out[f"vision_ms_{key}"] = median([r.timings_ms["vision"] for r in runs])
+        out[f"decode_ms_per_token_{key}"] = median(
+            [r.timings_ms["decode"] / max(len(r.generated_ids) - 1, 1) for r in runs])
+    if exit_layer is not None:
+        out["prefill_speedup"] = out["prefill_ms_none"] / out["prefill_ms_exit"]
+    return out
+
+
+def speed_section(manifest: dict, prompt, runners: dict, exit_layer: int | None, repeats: int) -> dict:
+    from exporter.dyvte.flops import FlopsShape, flops_ratio
+
+    a = manifest["architecture"]
+    num_visual, num_text = prompt.num_visual, len(prompt.input_ids) - prompt.num_visual
+    element = 2 if manifest["precision"] == "fp16" else 4
+    per_token = 2 * a["num_kv_heads"] * a["head_dim"] * element
+    L = a["num_layers"]
+    section = {"exit_layer": exit_layer, "visual_tokens": num_visual, "text_tokens": num_text,
+               "kv_bytes_full": L * (num_visual + num_text) * per_token}
+    if exit_layer is not None:
+        section["kv_bytes_saved"] = (L - 1 - exit_layer) * num_visual * per_token
+        intermediate = manifest.get("architecture", {}).get("intermediate_size")
+        if intermediate:
+            shape = FlopsShape(L, a["hidden_size"], a["num_heads"], a["num_kv_heads"], a["head_dim"],
+                               intermediate, a["vocab_size"])
+            section["analytic_speedup"] = 1 / flops_ratio(shape, num_text, num_visual, exit_layer)
+    for name, runtime in runners.items():
+        section[name] = measure_speed(runtime, prompt, exit_layer, repeats)
+        if "analytic_speedup" in section and "prefill_speedup" in section[name]:
+            section[name]["efficiency"] = section[name]["prefill_speedup"] / section["analytic_speedup"]
+    return section
+
+
 def validate_package(package, model=None, images=None, prompts=None, thresholds: dict | None = None,
                      backends=("onnxruntime", "tensorrt"), max_new_tokens: int = 8, progress: bool = True,
-                     count: int = 8) -> ParityReport:
+                     count: int = 8, speed_repeats: int = 3) -> ParityReport:
     from engines.load import open_package
     from exporter.package import load_manifest
     from validation.samples import sample_prompts
@@ -211,7 +260,7 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
     samples = sample_prompts(reference, images, prompts, count=count)
     dynamic = bool(manifest["split"]["has_routers"] and manifest["split"]["exit_boundaries"])
     ref = run_runner(reference, samples, max_new_tokens, dynamic)
-    results = {}
+    results, runners = {}, {"pytorch": reference}
     for name in backends:
         if name == "tensorrt":
             reason = tensorrt_unavailable()
@@ -224,7 +273,12 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
             results[name] = {"passed": None, "skipped": str(exc)}
             continue
         results[name] = compare(ref, run_runner(runtime, samples, max_new_tokens, dynamic), limits)
+        runners[name] = runtime
     ran = [r for r in results.values() if r.get("passed") is not None]
+    exits = sorted(e for e in ref.exit_layers if e is not None)
+    boundaries = manifest["split"]["exit_boundaries"]
+    speed_exit = exits[len(exits) // 2] if exits else (boundaries[len(boundaries) // 2] if boundaries else None)
+    speed = speed_section(manifest, samples[0], runners, speed_exit, speed_repeats) if speed_repeats else {}
     data = {
         "passed": bool(ran) and all(r["passed"] for r in ran),
         "samples": len(samples),
@@ -233,21 +287,21 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
         "policy": "dynamic" if dynamic else "none",
         "reference": {"exit_layers": ref.exit_layers, "seconds": round(ref.seconds, 3)},
         "backends": results,
+        "speed": speed,
     }
     report_dir = package / "report"
     report_dir.mkdir(exist_ok=True)
     path = report_dir / "parity.json"
     path.write_text(json.dumps(_jsonable(data), indent=2))
     data["json"] = str(path)
+    from validation.report_html import write_html
+
+    data["html"] = str(write_html(data, report_dir / "parity.html"))
     return ParityReport(data)
 
 
 def tensorrt_unavailable() -> str | None:
-    """Why TensorRT cannot run here, or None when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU on this machine"
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "the tensorrt package is not installed (pip install '.[gpu]')"
-    return "the TensorRT backend is not implemented in this build"
+    """Why TensorRT cannot run here (no CUDA GPU, tensorrt missing or too old), or None when it can."""
+    from engines.backends.tensorrt_build import environment_problem
+
+    return environment_problem()
