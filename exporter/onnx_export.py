@@ -36,8 +36,8 @@ def _quiet_exporter() -> None:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def trace(spec: GraphSpec, dtype: torch.dtype) -> onnx.ModelProto:
-    """One graph through torch.export + the ONNX translator, with named, symbolic axes."""
+def trace_program(spec: GraphSpec, dtype: torch.dtype):
+    """One graph through torch.export + the ONNX translator (an `ONNXProgram`, weights by reference)."""
     _quiet_exporter()
     args = spec.example(dtype)
     names_in = [t.name for t in spec.inputs]
@@ -45,14 +45,37 @@ def trace(spec: GraphSpec, dtype: torch.dtype) -> onnx.ModelProto:
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(
+            return torch.onnx.export(
                 spec.module.eval(), args, dynamo=True, opset_version=OPSET, optimize=spec.optimize,
                 input_names=names_in, output_names=names_out, dynamic_shapes=spec.dynamic_shapes(),
                 verbose=False, external_data=False,
             )
         except Exception as exc:
             raise DyVTEError(f"torch.onnx could not export graph {spec.name}: {str(exc).splitlines()[0]}") from exc
-    model = program.model_proto
+
+
+def trace(spec: GraphSpec, dtype: torch.dtype) -> onnx.ModelProto:
+    """A graph as an in-memory proto, weights included (templates: small by construction)."""
+    model = trace_program(spec, dtype).model_proto
+    name_axes(model, spec)
+    return model
+
+
+def export_graph(spec: GraphSpec, dtype: torch.dtype, store: "WeightStore") -> onnx.ModelProto:
+    """A graph whose weights go straight from the traced program into the package's weights file,
+    one tensor at a time: no whole-graph copy of the weights is ever held in memory."""
+    import onnx_ir as ir
+
+    program = trace_program(spec, dtype)
+    for name, value in program.model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < INLINE_LIMIT:
+            continue
+        offset = store.add(tensor.tobytes())
+        value.const_value = ir.ExternalTensor(store.path.name, offset, tensor.nbytes, tensor.dtype,
+                                              shape=tensor.shape, name=name, base_dir=str(store.path.parent))
+    model = ir.serde.serialize_model(program.model)
+    del program
     name_axes(model, spec)
     return model
 
@@ -115,7 +138,7 @@ class SegmentTemplates:
         self.cache: dict[int, tuple[onnx.ModelProto, dict] | None] = {}
         self.traced = 0
 
-    def build(self, spec: GraphSpec, shape) -> onnx.ModelProto:
+    def build(self, spec: GraphSpec, shape, store: "WeightStore") -> onnx.ModelProto:
         n = spec.layers[1] - spec.layers[0]
         if n not in self.cache:
             self.traced += 1
@@ -131,12 +154,13 @@ class SegmentTemplates:
                 self.cache[n] = (model, mapping)
         if self.cache[n] is None:
             self.traced += 1
-            return trace(spec, self.dtype)
+            return export_graph(spec, self.dtype, store)
         template, mapping = self.cache[n]
-        return _instantiate(template, mapping, spec, self.dtype)
+        return _instantiate(template, mapping, spec, self.dtype, store)
 
 
-def _instantiate(template: onnx.ModelProto, mapping: dict, spec: GraphSpec, dtype: torch.dtype) -> onnx.ModelProto:
+def _instantiate(template: onnx.ModelProto, mapping: dict, spec: GraphSpec, dtype: torch.dtype,
+                 store: "WeightStore") -> onnx.ModelProto:
     start = spec.layers[0]
     model = onnx.ModelProto()
     model.CopyFrom(template)
@@ -149,9 +173,10 @@ def _instantiate(template: onnx.ModelProto, mapping: dict, spec: GraphSpec, dtyp
     for init_name, (param_name, transposed) in mapping.items():
         local, rest = param_name.split(".", 1)
         arr = layers[int(local)].get_parameter(rest).detach().to(dtype).cpu().numpy()
+        arr = np.ascontiguousarray(arr.T if transposed else arr)
         new_name = f"layers.{start + int(local)}.{rest}" + (".T" if transposed else "")
         rename[init_name] = new_name
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr.T if transposed else arr), new_name))
+        model.graph.initializer.append(store.tensor_proto(new_name, arr))
     _rename_values(model.graph, rename)
     return model
 
@@ -183,28 +208,48 @@ class WeightStore:
         self.index: dict[tuple[str, int], int] = {}
         self.unique_bytes = 0
 
+    def add(self, data: bytes) -> int:
+        """Offset of `data` in the file, appending it unless an equal tensor is already there."""
+        key = (hashlib.sha256(data).hexdigest(), len(data))
+        if key not in self.index:
+            pad = (-self.offset) % ALIGN
+            self.handle.write(b"\0" * pad)
+            self.offset += pad
+            self.index[key] = self.offset
+            self.handle.write(data)
+            self.offset += len(data)
+            self.unique_bytes += len(data)
+        return self.index[key]
+
+    def _point(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = k, v
+
+    def tensor_proto(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """An initializer for `array`, stored in this file (small ones stay inline)."""
+        if array.nbytes < INLINE_LIMIT:
+            return numpy_helper.from_array(array, name)
+        tensor = onnx.TensorProto(name=name, dims=list(array.shape),
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        self._point(tensor, self.add(array.tobytes()), array.nbytes)
+        return tensor
+
     def externalize(self, model: onnx.ModelProto) -> None:
+        """Move the large initializers still inside `model` into this file."""
         for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                continue
             if not tensor.HasField("raw_data"):
                 tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-            data = tensor.raw_data
-            if len(data) < INLINE_LIMIT:
+            if len(tensor.raw_data) < INLINE_LIMIT:
                 continue
-            key = (hashlib.sha256(data).hexdigest(), len(data))
-            if key not in self.index:
-                pad = (-self.offset) % ALIGN
-                self.handle.write(b"\0" * pad)
-                self.offset += pad
-                self.index[key] = self.offset
-                self.handle.write(data)
-                self.offset += len(data)
-                self.unique_bytes += len(data)
+            length = len(tensor.raw_data)
+            offset = self.add(tensor.raw_data)
             tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for k, v in (("location", self.path.name), ("offset", str(self.index[key])), ("length", str(len(data)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = k, v
+            self._point(tensor, offset, length)
 
     def close(self) -> None:
         self.handle.flush()

@@ -28,7 +28,7 @@ from exporter import __version__
 from exporter.errors import DyVTEError
 from exporter.graphs import graph_specs
 from exporter.models.base import MultimodalModel
-from exporter.onnx_export import OPSET, SegmentTemplates, WeightStore, check_graph, save_graph, trace
+from exporter.onnx_export import OPSET, SegmentTemplates, WeightStore, check_graph, export_graph, save_graph
 from exporter.plan import SplitPlan
 
 FORMAT = "dyvte-package"
@@ -134,12 +134,12 @@ def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool, 
         path = folder / f"{spec.name}.onnx"
         with materialize(spec.module):
             if spec.role == "decoder":
-                proto = templates.build(spec, model.shape)
+                proto = templates.build(spec, model.shape, store)
             else:
                 module = spec.module
                 if next(module.parameters()).dtype != dtype:
                     spec.module = copy.deepcopy(module).to(dtype)
-                proto = trace(spec, dtype)
+                proto = export_graph(spec, dtype, store)
                 spec.module = module
             save_graph(proto, path, store)
             del proto
@@ -148,6 +148,7 @@ def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool, 
             raise DyVTEError(f"graph {spec.name} would not parse in TensorRT: {lint[0]} ({len(lint)} problems)")
         float_name = "float16" if dtype == torch.float16 else "float32"
         entries.append({
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "name": spec.name,
             "role": spec.role,
             "file": f"graphs/{spec.name}.onnx",

@@ -144,7 +144,7 @@ class MonolithicBaseline:
 
 def _export(model, folder: Path, precision: str):
     from exporter.graphs import monolithic_spec
-    from exporter.onnx_export import WeightStore, save_graph, trace
+    from exporter.onnx_export import WeightStore, export_graph, save_graph
     from exporter.package import DTYPES, export_onnx
 
     package = export_onnx(model, folder / "dyvte", precision, progress=True)
@@ -152,7 +152,7 @@ def _export(model, folder: Path, precision: str):
     mono.mkdir(exist_ok=True)
     store = WeightStore(mono / "weights.bin")
     print("export monolithic baseline graph ...", file=sys.stderr)
-    save_graph(trace(monolithic_spec(model), DTYPES[precision]), mono / "monolithic.onnx", store)
+    save_graph(export_graph(monolithic_spec(model), DTYPES[precision], store), mono / "monolithic.onnx", store)
     store.close()
     return package, mono / "monolithic.onnx"
 
