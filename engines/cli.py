@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object")
     build = sub.add_parser("build", help="build TensorRT engines for a package (needs an NVIDIA GPU)")
     build.add_argument("package")
+    build.add_argument("--max-batch", type=int, default=8, help="largest batch the profiles accept")
+    build.add_argument("--max-text", type=int, default=512, help="most text tokens of a prompt")
+    build.add_argument("--precision", choices=("fp32", "fp16"), help="engine precision (default: the package's)")
+    build.add_argument("--workspace-gb", type=float, default=8)
     return parser
 
 
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             from engines.backends.tensorrt_build import build_engines
 
-            build_engines(args.package)
+            build_engines(args.package, max_batch=args.max_batch, max_text=args.max_text,
+                          precision=args.precision, workspace_gb=args.workspace_gb)
             return 0
     except DyVTEError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 from engines.orchestrator import Runtime
 from exporter.errors import DyVTEError
 
-PACKAGE_BACKENDS = ("onnxruntime",)
+PACKAGE_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def open_package(package: str | Path, backend: str = "onnxruntime", device: str = "cpu",
@@ -23,6 +23,10 @@ def open_package(package: str | Path, backend: str = "onnxruntime", device: str 
         from engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return Runtime(OnnxRuntimeBackend(package, manifest, device=device, threads=threads), processor)
+    if backend == "tensorrt":  # always on the current CUDA device: `device` and `threads` are ONNX Runtime's
+        from engines.backends.tensorrt_backend import TensorRTBackend
+
+        return Runtime(TensorRTBackend(package, manifest), processor)
     raise DyVTEError(f"backend {backend!r} cannot run packages; choose from {', '.join(PACKAGE_BACKENDS)}")
 
 

@@ -206,8 +206,9 @@ def _manifest(model: MultimodalModel, precision: str, plan: SplitPlan, graphs: l
 def _write_manifest(folder: Path, manifest: dict) -> None:
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != "manifest.json":
-            rel = path.relative_to(folder).as_posix()
+        rel = path.relative_to(folder).as_posix()
+        # reports are rewritten by every validation, so they are not part of the signed contents
+        if path.is_file() and rel != "manifest.json" and not rel.startswith("report/"):
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest["files"] = files
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -108,5 +108,8 @@ def test_cli_errors_for_packages(vila_package, image_file, tmp_path, capsys):
     assert engines_main(["run", str(vila_package), "--device", "cuda", "--image", str(image_file),
                          "--prompt", "hi"]) == 2
     assert "CUDAExecutionProvider" in capsys.readouterr().err
-    assert engines_main(["build", str(vila_package)]) == 2
-    assert "TensorRT" in capsys.readouterr().err
+    from validation.parity import tensorrt_unavailable
+
+    if tensorrt_unavailable():  # on a GPU machine this would build engines into the shared fixture
+        assert engines_main(["build", str(vila_package)]) == 2
+        assert "TensorRT" in capsys.readouterr().err
