@@ -313,12 +313,20 @@ class Runtime:
             tokens = sampler(logits)
 
     def _decode_step(self, tokens: list[int], positions: torch.Tensor, caches) -> torch.Tensor:
+        """One token for the whole batch; every segment gets its own key mask (its layers' caches
+        are as long as its samples' exits made them)."""
         b = self.backend
         ids = torch.tensor(tokens, device=b.device)[:, None]
-        hidden = b.embed(ids)
         ones = torch.ones(len(tokens), 1, dtype=caches[0][2].dtype, device=b.device)
-        for index, (start, end) in enumerate(b.segments):
-            mask = torch.cat([caches[start][2], ones], dim=1)
+        masks = [torch.cat([caches[start][2], ones], dim=1) for start, _ in b.segments]
+        if getattr(b, "fused_decode", False):
+            logits, presents = b.decode_step(ids, positions[:, None], masks, [(c[0], c[1]) for c in caches])
+            for mask, (start, end) in zip(masks, b.segments):
+                for layer in range(start, end):
+                    caches[layer] = [*presents[layer], mask]
+            return logits[:, -1]
+        hidden = b.embed(ids)
+        for index, (mask, (start, end)) in enumerate(zip(masks, b.segments)):
             past = [(caches[layer][0], caches[layer][1]) for layer in range(start, end)]
             hidden, presents = b.run_segment(index, hidden, positions[:, None], mask, past)
             for layer, (k, v) in zip(range(start, end), presents):

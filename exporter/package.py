@@ -127,6 +127,7 @@ def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool, 
     store = WeightStore(folder / "weights.bin")
     templates = SegmentTemplates(dtype)
     entries = []
+    float_name = "float16" if dtype == torch.float16 else "float32"
     bar = tqdm(specs, desc="export", unit="graph", disable=not progress, file=sys.stderr)
     for spec in bar:
         bar.set_description(f"export {spec.name}")
@@ -146,7 +147,6 @@ def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool, 
         lint = check_graph(path)
         if lint:
             raise DyVTEError(f"graph {spec.name} would not parse in TensorRT: {lint[0]} ({len(lint)} problems)")
-        float_name = "float16" if dtype == torch.float16 else "float32"
         entries.append({
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "name": spec.name,
@@ -159,7 +159,26 @@ def _export_graphs(model, folder: Path, dtype, plan: SplitPlan, progress: bool, 
         })
     store.close()
     bar.close()
+    entries.append(_decode_entry(folder, entries, float_name))
     return entries
+
+
+def _decode_entry(folder: Path, entries: list[dict], float_name: str) -> dict:
+    """Compose the fused decode graph from the graphs just written (it adds no weights)."""
+    from exporter.decode_graph import compose_decode_graph
+
+    t0 = time.perf_counter()
+    model, inputs, outputs = compose_decode_graph(folder, entries)
+    path = folder / "decode.onnx"
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    lint = check_graph(path)
+    if lint:
+        raise DyVTEError(f"graph decode would not parse in TensorRT: {lint[0]} ({len(lint)} problems)")
+    return {"name": "decode", "role": "decode", "file": "graphs/decode.onnx", "layers": None,
+            "inputs": [t.to_dict(float_name) for t in inputs], "outputs": [t.to_dict(float_name) for t in outputs],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def _manifest(model: MultimodalModel, precision: str, plan: SplitPlan, graphs: list[dict], started: float) -> dict:

@@ -101,19 +101,41 @@ def test_every_graph_matches_its_pytorch_module(request, vila_exit_model, precis
     assert_rel_close(out, HeadGraph(model)(hidden), rel)
 
 
-def test_weights_are_stored_once(vila_package, vila_exit_model):
-    manifest = load_manifest(vila_package)
-    total = sum(f.stat().st_size for f in vila_package.rglob("*") if f.is_file())
-    params = weights_bytes(vila_exit_model, "fp32")
+def test_weights_are_stored_once(tmp_path):
+    from exporter.models.vila import Vila
+
+    model = Vila().preset(seed=2, name="small")
+    package = export_onnx(model, tmp_path / "small", "fp16", progress=False)
+    manifest = load_manifest(package)
+    total = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+    params = weights_bytes(model, "fp16")
     assert manifest["weights"]["parameter_bytes"] == params
     assert total <= 1.05 * params, f"package {total} B vs weights {params} B"
-    assert (vila_package / "graphs" / "weights.bin").stat().st_size <= params
+    assert (package / "graphs" / "weights.bin").stat().st_size <= params
 
 
 def test_fp16_package_is_half_the_size(vila_package, vila_package_fp16):
     full = (vila_package / "graphs" / "weights.bin").stat().st_size
     half = (vila_package_fp16 / "graphs" / "weights.bin").stat().st_size
     assert 0.45 * full <= half <= 0.55 * full
+
+
+def test_fused_decode_graph_shares_the_segments_weights(vila_package):
+    """The decode graph is composed from the segments: every external tensor it uses is one the
+    segments already wrote (same offset), so it adds no bytes to weights.bin."""
+    def offsets(name):
+        model = onnx.load(str(vila_package / "graphs" / f"{name}.onnx"), load_external_data=False)
+        return {int({e.key: e.value for e in t.external_data}["offset"]) for t in model.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+
+    manifest = load_manifest(vila_package)
+    others = set().union(*(offsets(g["name"]) for g in manifest["graphs"] if g["role"] != "decode"))
+    assert offsets("decode") and offsets("decode") <= others
+    decode = next(g for g in manifest["graphs"] if g["role"] == "decode")
+    names = [t["name"] for t in decode["inputs"]]
+    assert names[:3] == ["input_ids", "position_ids", "attention_mask.0"]
+    assert "attention_mask.3" in names and "past.3.value" in names and names.count("position_ids") == 1
+    assert decode["outputs"][0]["name"] == "logits"
 
 
 def test_tied_weights_are_written_once(tmp_path):
@@ -165,7 +187,7 @@ def test_manifest_describes_every_graph_and_file(vila_package, vila_exit_model):
     assert manifest["split"]["exit_boundaries"] == list(range(s.num_layers - 1))
     assert manifest["split"]["segments"] == [[layer, layer + 1] for layer in range(s.num_layers)]
     roles = [g["role"] for g in manifest["graphs"]]
-    assert roles == ["vision", "embed"] + ["decoder"] * s.num_layers + ["hypernet", "lm_head"]
+    assert roles == ["vision", "embed"] + ["decoder"] * s.num_layers + ["hypernet", "lm_head", "decode"]
     for graph in manifest["graphs"]:
         sess = session(vila_package, graph["name"])
         assert [i.name for i in sess.get_inputs()] == [t["name"] for t in graph["inputs"]]
@@ -262,7 +284,8 @@ def test_windowed_package_without_routers(tmp_path):
     package = export_onnx(model, tmp_path / "win", plan=SplitPlan.parse("1:1", 4), progress=False)
     manifest = load_manifest(package)
     assert manifest["split"]["segments"] == [[0, 2], [2, 4]]
-    assert [g["name"] for g in manifest["graphs"]] == ["vision", "embed", "decoder.00-01", "decoder.02-03", "lm_head"]
+    assert [g["name"] for g in manifest["graphs"]] == ["vision", "embed", "decoder.00-01", "decoder.02-03", "lm_head",
+                                                       "decode"]
     runtime = open_package(package)
     from helpers import random_image
 

@@ -72,6 +72,8 @@ class OnnxRuntimeBackend:
                 raise DyVTEError(f"onnxruntime cannot load {graph['file']}: {str(exc).splitlines()[0]}") from None
             self.graphs[graph["name"]] = graph
         self._segment_graphs = [g["name"] for g in manifest["graphs"] if g["role"] == "decoder"]
+        # one run per generated token instead of one per graph (packages from before it lack it)
+        self.fused_decode = "decode" in self.sessions
         self.providers = providers
 
     # ------------------------------------------------------------------ binding
@@ -121,6 +123,24 @@ class OnnxRuntimeBackend:
             outputs[f"present.{layer}.value"] = (kv_shape, self.dtype)
         out = self._run(self._segment_graphs[index], inputs, outputs)
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(end - start)]
+
+    def decode_step(self, input_ids, position_ids, masks, past):
+        """One token through embedding, every segment and the head, in the fused decode graph.
+        `masks[i]` is segment i's key mask (past + the new token); `past[l]` layer l's cache."""
+        b = input_ids.shape[0]
+        inputs = {"input_ids": input_ids.to(torch.int64), "position_ids": position_ids.to(torch.int64)}
+        outputs = {"logits": ((b, 1, self.shape.vocab_size), self.dtype)}
+        kv = (self.shape.num_kv_heads, self.shape.head_dim)
+        for i, (start, end) in enumerate(self.segments):
+            inputs[f"attention_mask.{i}"] = masks[i].to(torch.int64)
+            for layer in range(start, end):
+                k, v = past[layer]
+                inputs[f"past.{layer}.key"], inputs[f"past.{layer}.value"] = k, v
+                shape = (b, kv[0], masks[i].shape[1], kv[1])
+                outputs[f"present.{layer}.key"] = (shape, self.dtype)
+                outputs[f"present.{layer}.value"] = (shape, self.dtype)
+        out = self._run("decode", inputs, outputs)
+        return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.shape.num_layers)]
 
     def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         (out,) = self._run("hypernet", {"hidden_states": hidden, "text_weights": weights.to(self.dtype),

@@ -462,7 +462,10 @@ def build_engines(package, max_batch: int = DEFAULT_MAX_BATCH, max_text: int = D
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     entries, timing = [], b""
-    bar = tqdm(manifest["graphs"], desc="tensorrt", unit="engine", disable=not progress, file=sys.stderr)
+    # The fused decode graph is ONNX Runtime's: the TensorRT backend decodes segment by segment
+    # (one engine per segment with a decode profile); fusing it needs per-segment past profiles.
+    graphs = [g for g in manifest["graphs"] if g["role"] != "decode"]
+    bar = tqdm(graphs, desc="tensorrt", unit="engine", disable=not progress, file=sys.stderr)
     try:
         for graph in bar:
             bar.set_description(f"tensorrt {graph['name']}")

@@ -142,6 +142,26 @@ PRESETS = {
         projector="mlp_downsample",
         select_layer=-2,
     ),
+    # Wider, so that weights outweigh graph structure as in real models (package-size checks).
+    "small": dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=54, patch_size=6),
+        llm=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6),
+        projector="mlp_downsample",
+        select_layer=-2,
+    ),
+    # The built-in default (`Vila.default()`), trained by `python -m exporter.builtin.train_vila` on the
+    # synthetic VQA task: a 13x13 patch grid (odd, like SigLIP's 27x27), 2x2-merged to 7x7 = 49 visual
+    # tokens, and 8 decoder layers so that the exit layer has room to vary.
+    "builtin": dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=104, patch_size=8, vision_use_head=False),
+        llm=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6),
+        projector="mlp_downsample",
+        select_layer=-1,
+    ),
 }
 
 
@@ -236,6 +256,18 @@ class Vila(Family):
         parts = VilaParts(llm, tower, projector.eval(), image_processor, tok, root)
         model = _assemble(parts, "vicuna_v1", {"preset": name, "seed": seed})
         model.attach_routers(seeded_routers(llm_cfg.num_hidden_layers, llm_cfg.hidden_size, seed))
+        return model
+
+    def default(self) -> MultimodalModel:
+        """The built-in VILA trained on the synthetic VQA task (exporter/builtin/vila), with its
+        routers; the random `tiny` preset when that folder is absent."""
+        from exporter.builtin import builtin_checkpoint
+
+        folder = builtin_checkpoint(self.name)
+        if folder is None:
+            return self.preset()
+        model = self.load(folder)
+        model.source = {"checkpoint": str(folder), "builtin": True}
         return model
 
     def load(self, checkpoint: Path, template: str | None = None, dtype=torch.float32, **_) -> MultimodalModel:

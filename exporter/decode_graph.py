@@ -1,0 +1,90 @@
+"""The fused decode graph: embedding, every decoder segment and the LM head chained into one graph.
+
+Decoding is one token per step, so per-graph launches dominate it. Layers before and after the exit
+differ only in their cache lengths, so one graph whose segments each take their own key mask
+(`attention_mask.{i}`, with its own `past_seq.{i}` axis) serves every exit layer. It is composed from
+the package's own graphs by renaming their values, so its initializers point at the very same
+offsets of `weights.bin`: no weight is stored twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from exporter.graphs import TensorSpec
+
+
+def _rename_graph(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> None:
+    """Prefix every value name except the interface ones, which `keep` maps to their new names."""
+
+    def new(name: str) -> str:
+        if not name:
+            return name
+        return keep.get(name, f"{prefix}{name}")
+
+    for init in graph.initializer:
+        init.name = new(init.name)
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        value.name = new(value.name)
+    for node in graph.node:
+        node.name = f"{prefix}{node.name}"
+        node.input[:] = [new(n) for n in node.input]
+        node.output[:] = [new(n) for n in node.output]
+
+
+def _set_axes(value: onnx.ValueInfoProto, names: dict[str, str]) -> None:
+    for dim in value.type.tensor_type.shape.dim:
+        if dim.dim_param in names:
+            dim.dim_param = names[dim.dim_param]
+
+
+def compose_decode_graph(folder: Path, manifest_graphs: list[dict]) -> tuple[onnx.ModelProto, list, list]:
+    """The decode graph of the package's `graphs/` folder, and its input/output specs."""
+    by_role = {}
+    for g in manifest_graphs:
+        by_role.setdefault(g["role"], []).append(g)
+    load = lambda g: onnx.load(str(folder / Path(g["file"]).name), load_external_data=False)  # noqa: E731
+    embed, head = load(by_role["embed"][0]), load(by_role["lm_head"][0])
+    segments = by_role["decoder"]
+    merged = onnx.helper.make_graph([], "decode", [], [])
+    inputs: list[onnx.ValueInfoProto] = []
+    outputs: list[onnx.ValueInfoProto] = []
+
+    _rename_graph(embed.graph, "embed/", {"input_ids": "input_ids", "inputs_embeds": "hidden.0"})
+    inputs += list(embed.graph.input)
+    parts = [embed.graph]
+    for i, g in enumerate(segments):
+        proto = load(g)
+        keep = {"hidden_states": f"hidden.{i}", "hidden_states_out": f"hidden.{i + 1}",
+                "position_ids": "position_ids", "attention_mask": f"attention_mask.{i}"}
+        for t in g["inputs"][3:] + g["outputs"][1:]:
+            keep[t["name"]] = t["name"]
+        _rename_graph(proto.graph, f"{g['name']}/", keep)
+        axes = {"past_seq": f"past_seq.{i}", "total_seq": f"total_seq.{i}"}
+        for value in list(proto.graph.input) + list(proto.graph.output):
+            _set_axes(value, axes)
+        inputs += [v for v in proto.graph.input if v.name not in {f"hidden.{i}"} and
+                   not (i > 0 and v.name == "position_ids")]
+        outputs += [v for v in proto.graph.output if v.name != f"hidden.{i + 1}"]
+        parts.append(proto.graph)
+    _rename_graph(head.graph, "lm_head/", {"hidden_states": f"hidden.{len(segments)}", "logits": "logits"})
+    parts.append(head.graph)
+    outputs = list(head.graph.output) + outputs
+    for part in parts:
+        merged.node.extend(part.node)
+        merged.initializer.extend(part.initializer)
+        merged.value_info.extend(part.value_info)
+    merged.input.extend(inputs)
+    merged.output.extend(outputs)
+    model = onnx.helper.make_model(merged, opset_imports=list(embed.opset_import), producer_name="dyvte-export")
+    model.ir_version = embed.ir_version
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        t = value.type.tensor_type
+        dtype = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float",
+                 onnx.TensorProto.FLOAT: "float"}[t.elem_type]
+        return TensorSpec(value.name, dtype, tuple(d.dim_param or d.dim_value for d in t.shape.dim))
+
+    return model, [spec(v) for v in inputs], [spec(v) for v in outputs]
