@@ -30,11 +30,10 @@ def shape_from_manifest(manifest: dict) -> DecoderShape:
                         a["vocab_size"], a["max_positions"])
 
 
-class OnnxRuntimeBackend:
-    def __init__(self, package: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 spin: bool = False):
-        import onnxruntime as ort
+class PackageBackend:
+    """What every backend of an exported package reads from its manifest."""
 
+    def __init__(self, package: Path, manifest: dict):
         self.package = Path(package)
         self.manifest = manifest
         self.shape = shape_from_manifest(manifest)
@@ -43,6 +42,14 @@ class OnnxRuntimeBackend:
         self.router_layers = frozenset(split["exit_boundaries"]) if split["has_routers"] else frozenset()
         self.dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
         self.visual_per_tile = manifest["architecture"]["visual_tokens_per_tile"]
+
+
+class OnnxRuntimeBackend(PackageBackend):
+    def __init__(self, package: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+                 spin: bool = False):
+        import onnxruntime as ort
+
+        super().__init__(package, manifest)
         if device not in PROVIDER_ALIASES:
             raise DyVTEError(f"unknown onnxruntime device {device!r}; choose {', '.join(PROVIDER_ALIASES)}")
         available = set(ort.get_available_providers())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engines.backends.onnxruntime_backend import shape_from_manifest
+from engines.backends.onnxruntime_backend import PackageBackend
 from engines.backends.tensorrt_build import (
     REBUILD_HINT, Profile, choose_profile, describe, import_tensorrt, machine_identity, segment_mode, trt_logger,
 )
@@ -165,19 +165,13 @@ def _errors() -> str:
     return _last_errors(_LOGGER) if _LOGGER is not None else "no error message from TensorRT"
 
 
-class TensorRTBackend:
+class TensorRTBackend(PackageBackend):
     def __init__(self, package: Path, manifest: dict, precision: str | None = None, identity: dict | None = None):
         trt = import_tensorrt("cannot run the TensorRT backend")
-        self.package = Path(package)
-        self.manifest = manifest
-        self.shape = shape_from_manifest(manifest)
-        split = manifest["split"]
-        self.segments = [tuple(s) for s in split["segments"]]
-        self.router_layers = frozenset(split["exit_boundaries"]) if split["has_routers"] else frozenset()
+        super().__init__(package, manifest)
         self.key = select_build(manifest, identity or machine_identity(), precision)
         build = manifest["tensorrt"]["builds"][self.key]
         self.limits = build["limits"]
-        self.visual_per_tile = manifest["architecture"]["visual_tokens_per_tile"]
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
