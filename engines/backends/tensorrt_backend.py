@@ -177,7 +177,7 @@ class TensorRTBackend(PackageBackend):
         self._lock = threading.Lock()
         logger = trt_logger(trt)
         self._runtime = trt.Runtime(logger)
-        graphs = {g["name"]: g for g in manifest["graphs"]}
+        graphs = {g["name"]: g for g in manifest["graphs"] if g["role"] != "decode"}  # decode: ORT's
         entries = [e for e in manifest["tensorrt"]["engines"] if e["key"] == self.key]
         missing = set(graphs) - {e["graph"] for e in entries}
         if missing:
