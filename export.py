@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporter.errors import DyVTEError
+from exporter.errors import DyVTEError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,14 +58,7 @@ def choose_plan(args, model, runtime_samples):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except DyVTEError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no package was written", file=sys.stderr)
-        return 130
+    return run_cli(run, args, interrupted="interrupted: no package was written")
 
 
 def run(args) -> int:

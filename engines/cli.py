@@ -7,7 +7,7 @@ import json
 import sys
 
 from engines.policy import ExitPolicy, GenerationConfig
-from exporter.errors import DyVTEError
+from exporter.errors import DyVTEError, run_cli
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -100,10 +100,8 @@ def run(args) -> int:
     if args.stream and not args.json:
         if len(prompts) > 1:
             raise DyVTEError("--stream prints one sample's tokens; give one --prompt")
-        tok = runtime.processor
-
-        def stream(_sample, token):
-            print(tok.decode([token]), end=" ", flush=True)
+        processor = runtime.processor
+        stream = lambda _sample, token: print(processor.decode([token]), end=" ", flush=True)  # noqa: E731
 
     results = runtime.generate(prompts, policy, config, on_token=stream)
     if stream:
@@ -138,21 +136,14 @@ def run(args) -> int:
     return 0
 
 
+def build(args) -> int:
+    from engines.backends.tensorrt_build import build_engines
+
+    build_engines(args.package, max_batch=args.max_batch, max_text=args.max_text, precision=args.precision,
+                  workspace_gb=args.workspace_gb)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            return run(args)
-        if args.command == "build":
-            from engines.backends.tensorrt_build import build_engines
-
-            build_engines(args.package, max_batch=args.max_batch, max_text=args.max_text,
-                          precision=args.precision, workspace_gb=args.workspace_gb)
-            return 0
-    except DyVTEError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 1
+    return run_cli({"run": run, "build": build}[args.command], args)

@@ -7,3 +7,17 @@ Anything a user can get wrong (a path, a flag, a checkpoint, an image, a prompt)
 
 class DyVTEError(Exception):
     """A user-facing error: the message is printed as is, without a traceback."""
+
+
+def run_cli(handler, args, interrupted: str = "interrupted") -> int:
+    """Run a CLI handler: user errors become `error: <message>` on stderr and exit status 2."""
+    import sys
+
+    try:
+        return handler(args)
+    except DyVTEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
