@@ -246,13 +246,14 @@ def test_killed_export_leaves_no_loadable_package(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "export.py"), "--model", "vila", "--output", str(out),
                              "--no-validate", "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline:  # kill once graphs are being written
+    while time.time() < deadline and proc.poll() is None:  # kill once graphs are being written
         partial = [p for p in tmp_path.glob(".killed.partial-*") if any((p / "graphs").glob("*.onnx"))]
         if partial:
             break
         time.sleep(0.2)
+    assert proc.poll() is None, f"the export ended before it was killed: {proc.communicate()[1][-2000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert partial, "the export never started writing graphs"

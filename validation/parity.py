@@ -71,6 +71,8 @@ def _stage_errors(ref: RunnerOutput, other: RunnerOutput) -> dict[str, dict]:
                 continue
             diff = float((a - b).abs().max())
             scale = float(a.abs().max()) or 1.0
+            if stage.startswith("router"):  # two logits compared by their margin: judged in logit units
+                scale = max(scale, 1.0)
             cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
             e = errors.setdefault(stage, {"max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0})
             e["max_abs"] = max(e["max_abs"], diff)

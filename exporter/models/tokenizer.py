@@ -24,12 +24,15 @@ red green blue yellow purple orange white black gray grey pink brown cyan
 circle square triangle star cross diamond ring rectangle
 yes no none one two three four five six seven eight nine ten
 0 1 2 3 4 5 6 7 8 9 describe tell me please
+or row column object objects shapes circles squares triangles crosses stars diamonds zero
 """.split()
 
 
-def build_word_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(extra_words: list[str] | None = None,
+                         extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """`extra_special`: further special tokens matched whole in the text (e.g. ChatML's `<|im_start|>`)."""
     words: list[str] = []
-    for w in SPECIAL_TOKENS + BASE_WORDS + list(extra_words or []):
+    for w in SPECIAL_TOKENS + BASE_WORDS + list(extra_words or []) + list(extra_special or []):
         if w not in words:
             words.append(w)
     vocab = {w: i for i, w in enumerate(words)}
@@ -43,5 +46,5 @@ def build_word_tokenizer(extra_words: list[str] | None = None) -> PreTrainedToke
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=["<image>", "<img>", "</img>", "<IMG_CONTEXT>"],
+        additional_special_tokens=["<image>", "<img>", "</img>", "<IMG_CONTEXT>"] + list(extra_special or []),
     )

@@ -154,13 +154,15 @@ PRESETS = {
     # The built-in default (`Vila.default()`), trained by `python -m exporter.builtin.train_vila` on the
     # synthetic VQA task: a 13x13 patch grid (odd, like SigLIP's 27x27), 2x2-merged to 7x7 = 49 visual
     # tokens, and 8 decoder layers so that the exit layer has room to vary.
+    # ChatML (`hermes_2`, VILA1.5-40b's template) keeps the text short: 49 of ~68 prompt tokens are visual.
     "builtin": dict(
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                     image_size=104, patch_size=8, vision_use_head=False),
         llm=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6),
+                 num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6),
         projector="mlp_downsample",
         select_layer=-1,
+        template="hermes_2",
     ),
 }
 
@@ -231,7 +233,8 @@ class Vila(Family):
     def preset(self, seed: int = 0, name: str = "tiny") -> MultimodalModel:
         p = PRESETS[name]
         torch.manual_seed(seed)
-        tok = build_word_tokenizer()
+        template = p.get("template", "vicuna_v1")
+        tok = build_word_tokenizer(extra_special=["<|im_start|>", "<|im_end|>"] if template == "hermes_2" else None)
         llm_cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **p["llm"])
         llm = LlamaForCausalLM(llm_cfg).eval()
@@ -254,7 +257,7 @@ class Vila(Family):
             "mm_projector_cfg": {"mm_projector_type": p["projector"]},
         }
         parts = VilaParts(llm, tower, projector.eval(), image_processor, tok, root)
-        model = _assemble(parts, "vicuna_v1", {"preset": name, "seed": seed})
+        model = _assemble(parts, template, {"preset": name, "seed": seed})
         model.attach_routers(seeded_routers(llm_cfg.num_hidden_layers, llm_cfg.hidden_size, seed))
         return model
 

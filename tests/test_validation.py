@@ -1,0 +1,100 @@
+"""Parity validation: the report passes on a good package, fails and names the stage on a bad one."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from exporter.package import _write_manifest, load_manifest
+from validation.parity import DEFAULT_THRESHOLDS, RunnerOutput, compare, validate_package
+
+
+def perturb_segment(package: Path, graph: str, scale: float = 1.01) -> str:
+    """Scale the largest weight of one graph in the shared weights file (then re-sign the package,
+    as a buggy exporter would have written it). Returns the weight's name."""
+    model = onnx.load(str(package / "graphs" / f"{graph}.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    tensor = max(external, key=lambda t: int({e.key: e.value for e in t.external_data}["length"]))
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(info["offset"]), int(info["length"])
+    weights = package / "graphs" / info["location"]
+    data = bytearray(weights.read_bytes())
+    values = np.frombuffer(bytes(data[offset:offset + length]), dtype=np.float32) * scale
+    data[offset:offset + length] = values.astype(np.float32).tobytes()
+    weights.write_bytes(bytes(data))
+    _write_manifest(package, load_manifest(package, verify=False))
+    return tensor.name
+
+
+@pytest.fixture(scope="module")
+def good_report(vila_package, vila_exit_model):
+    return validate_package(vila_package, model=vila_exit_model, speed_repeats=1)
+
+
+def test_report_passes_and_has_the_contract_keys(good_report, vila_package):
+    assert good_report.passed
+    data = json.loads((vila_package / "report" / "parity.json").read_text())
+    assert data["passed"] is True and data["samples"] == 8
+    ort = data["backends"]["onnxruntime"]
+    for key in ("passed", "exit_layer_agreement", "logits_max_abs_diff", "logits_min_cosine", "token_agreement",
+                "near_ties", "skipped"):
+        assert key in ort
+    assert ort["exit_layer_agreement"] == 1.0 and ort["token_agreement"] == 1.0
+    assert ort["logits_max_abs_diff"] < 1e-4 and ort["logits_min_cosine"] > 0.99999
+    stages = ort["stages"]
+    assert {"vision", "layers 0-0", "layers 3-3", "logits", "router 0"} <= set(stages)
+    assert data["backends"]["tensorrt"]["skipped"]  # no GPU here: recorded with the reason
+    assert data["backends"]["tensorrt"]["passed"] is None
+    speed = data["speed"]
+    assert speed["onnxruntime"]["prefill_ms_none"] > 0 and speed["kv_bytes_saved"] > 0
+    assert "analytic_speedup" in speed
+
+
+def test_perturbed_segment_fails_the_report_and_is_named(vila_package, vila_exit_model, tmp_path):
+    package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
+    perturb_segment(package, "decoder.02-02")
+    report = validate_package(package, model=vila_exit_model, speed_repeats=0)
+    assert not report.passed
+    ort = report.data["backends"]["onnxruntime"]
+    assert ort["first_failed_stage"] == "layers 2-2"
+    assert "layers 0-0" not in ort["failed_stages"] and "layers 1-1" not in ort["failed_stages"]
+    assert "first diverging stage: layers 2-2" in report.summary()
+
+
+def test_validation_cli_exit_status_follows_the_verdict(vila_package, tmp_path, capsys):
+    from validation.__main__ import main
+
+    strict = tmp_path / "strict.json"
+    strict.write_text(json.dumps({"logits_max_abs": 0.0}))
+    # the package's source is the tiny preset with fitted routers, which the CLI cannot rebuild:
+    # point it at a package exported from a rebuildable model instead
+    from exporter.models.vila import Vila
+    from exporter.package import export_onnx
+
+    package = export_onnx(Vila().preset(seed=3), tmp_path / "pkg", progress=False)
+    assert main(["report", str(package), "--samples", "2", "--no-speed"]) == 0
+    assert "parity: PASSED" in capsys.readouterr().out
+    assert main(["report", str(package), "--samples", "2", "--no-speed", "--thresholds", str(strict)]) == 1
+    assert "parity: FAILED" in capsys.readouterr().out
+
+
+def runner(exits, probe, tokens):
+    out = RunnerOutput(stages=[{} for _ in exits], probe_logits=probe, exit_layers=exits, tokens=tokens)
+    return out
+
+
+def test_near_ties_are_listed_apart_from_real_disagreements():
+    limits = DEFAULT_THRESHOLDS["fp16"]
+    probe = [{0: [0.0, -1.0], 1: [0.0, 0.01]}, {0: [0.0, -1.0], 1: [0.0, 3.0]}]
+    ref = runner([1, 1], probe, [[5, 6], [7, 8]])
+    tie = runner([None, 1], probe, [[5, 9], [7, 8]])  # sample 0 flipped where the margin was 0.01
+    result = compare(ref, tie, limits)
+    assert [t["sample"] for t in result["near_ties"]] == [0] and result["near_ties"][0]["near_tie_layers"] == [1]
+    assert result["exit_disagreements"] == [] and result["exit_layer_agreement"] == 1.0
+    real = runner([1, None], probe, [[5, 6], [7, 9]])  # sample 1 flipped with a margin of 3
+    result = compare(ref, real, limits)
+    assert [d["sample"] for d in result["exit_disagreements"]] == [1]
+    assert result["exit_layer_agreement"] == 0.5 and not result["checks"]["exit_layers"]

@@ -1,0 +1,1 @@
+"""Validation of models fitted with DyVTE: accuracy under each exit policy (more to come)."""

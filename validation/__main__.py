@@ -1,0 +1,48 @@
+"""`python -m validation <command>`: checks of a model fitted with DyVTE.
+
+Commands: `report PACKAGE` (parity of an exported package; `python -m validation PACKAGE` is the
+same), `accuracy` (answers under each exit policy, with FLOPs), `bench` (what DyVTE buys, side by
+side), `export-bench` (streamed export of a LLaVA-7B-shaped model, peak memory). One subparser per
+command, each module exposing `add_arguments(parser)` and `run(args) -> int`; errors print
+`error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from exporter.errors import run_cli
+
+
+COMMANDS = {
+    "report": ("validation.report_cli", "parity of an exported package against the PyTorch reference"),
+    "accuracy": ("validation.accuracy", "accuracy, exit layers and FLOPs of none / dynamic / layer:K"),
+    "bench": ("validation.bench", "DyVTE vs no exit vs monolithic graph vs transformers, side by side"),
+    "export-bench": ("validation.export_bench", "streamed export of a LLaVA-7B-shaped model: peak RSS, time"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="python -m validation", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "report")  # python -m validation PACKAGE
+    args = build_parser().parse_args(argv)
+    return run_cli(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
