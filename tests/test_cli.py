@@ -109,7 +109,7 @@ def test_unreadable_image(capsys, tmp_path):
 
 
 def test_router_weights_of_wrong_shape(capsys, image_file, tmp_path):
-    path = save_routers(Routers(4, 32, inner=16), tmp_path / "r.safetensors")
+    path = save_routers(Routers(8, 32, inner=16), tmp_path / "r.safetensors")  # the built-in: 8 layers, hidden 64
     code, _, err = run_cli(capsys, "--model", "vila", "--routers", str(path), "--image", str(image_file),
                            "--prompt", "hi")
     assert_one_line_error(code, err, "shape [16, 64], expected [16, 128]")
@@ -120,12 +120,12 @@ def test_router_file_with_other_keys(capsys, image_file, tmp_path):
     save_file({"model.visual_gates_router.0.w1.weight": torch.zeros(8, 128)}, str(path))
     code, _, err = run_cli(capsys, "--model", "vila", "--routers", str(path), "--image", str(image_file),
                            "--prompt", "hi")
-    assert_one_line_error(code, err, "the model has 4 decoder layers")
+    assert_one_line_error(code, err, "the model has 8 decoder layers")
 
 
 def test_prompt_longer_than_context(capsys, image_file):
     code, _, err = run_cli(capsys, "--model", "vila", "--image", str(image_file), "--prompt", "red " * 600)
-    assert_one_line_error(code, err, "exceeds the model's context of 512")
+    assert_one_line_error(code, err, "exceeds the model's context of 256")
 
 
 def test_bad_policy(capsys, image_file):

@@ -1,6 +1,6 @@
 """Train the built-in VILA from scratch on the synthetic VQA task, then its DyVTE routers.
 
-    python -m exporter.builtin.train_vila            # writes exporter/builtin/vila/ (~25 min, 2 cores)
+    python -m exporter.builtin.train_vila            # writes exporter/builtin/vila/ (~27 min on one core)
 
 Stage 1 trains every parameter of the `builtin` preset (SigLIP-style tower, 2x2 down-sampling
 projector, 8-layer Llama) on fresh synthetic training samples each step, with the loss on the answer
@@ -62,7 +62,7 @@ from exporter.models.base import Prompt
 
 @dataclass
 class BaseTrainingConfig:
-    steps: int = 7000  # stage 1
+    steps: int = 12000  # stage 1
     batch_size: int = 8  # small batches: progress here is per step, not per sample
     lr: float = 1e-3
     warmup_steps: int = 100
