@@ -113,3 +113,20 @@ def test_builtin_vila_dynamic_exit_beats_every_static_exit_of_equal_or_higher_fl
     for k, s in compared.items():
         assert r["dynamic_accuracy"] >= s["accuracy"], f"layer:{k} {s} vs dynamic {r['dynamic_accuracy']}"
     assert all(v for v in r["checks"].values() if isinstance(v, bool))
+
+
+def test_builtin_training_script_runs_end_to_end(tmp_path, capsys):
+    """The script that made exporter/builtin/vila, a few steps of each stage: writes a loadable VILA
+    folder with routers and a training record."""
+    from exporter.builtin.train_vila import main as train_main
+
+    out = tmp_path / "vila"
+    code = train_main(["--steps", "6", "--batch-size", "2", "--vision-steps", "2", "--polish-from", "3",
+                       "--eval-samples", "7", "--router-samples", "8", "--router-epochs", "1",
+                       "--router-eval-samples", "4", "--output", str(out), "--no-progress"])
+    assert code == 0
+    model = load_model("vila", out)
+    assert model.routers is not None and len(model.routers) == 8
+    record = json.loads((out / "training.json").read_text())
+    assert record["base"]["history"][-1]["step"] == 6 and len(record["routers"]["layers"]) == 8
+    assert "exit labels" in capsys.readouterr().out

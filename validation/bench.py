@@ -35,14 +35,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", help="also write the results to this file")
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in rotation (one warm-up round first). A callable that
+    returns a float reports its own time (e.g. the runtime's prefill-only timing)."""
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    for round_ in range(repeats + 1):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            own = fn()
+            elapsed = own if isinstance(own, float) else time.perf_counter() - t0
+            if round_:
+                times[key].append(elapsed)
+            time.sleep(0.05)  # let a spinning thread pool go idle before the next contender runs
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def _prompt(runtime, num_text: int):
@@ -107,10 +112,13 @@ class TransformersBaseline:
 class MonolithicBaseline:
     """One ONNX graph with every layer + norm + head, run the usual way (numpy feeds, past/present)."""
 
-    def __init__(self, path: Path, model, embeds: np.ndarray):
+    def __init__(self, path: Path, model, embeds: np.ndarray, spin: bool | None = None):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if spin is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.shape = model.shape
         self.embeds = embeds
         self.table = model.decoder.embed_tokens.weight.detach().numpy().astype(embeds.dtype)
@@ -184,24 +192,35 @@ def run_bench(preset: str = "bench", exit_layer: int = 3, repeats: int = 5, deco
     k = exit_layer
     r = {}
     print("measuring ...", file=sys.stderr)
-    r["hf_prefill_s"] = _median(lambda: hf.prefill(), repeats)
-    r["hf_prefill_exit_s"] = _median(lambda: hf.prefill(k), repeats)
-    r["mono_prefill_s"] = _median(mono.prefill, repeats)
-    prefill = {}
-    for policy in ("none", f"layer:{k}", "dynamic"):
-        prefill[policy] = statistics.median(
-            [orchestrated(policy, 1).timings_ms["prefill"] / 1e3 for _ in range(repeats + 1)][1:])
-    r["ort_prefill_none_s"], r["ort_prefill_exit_s"] = prefill["none"], prefill[f"layer:{k}"]
-    r["ort_prefill_dynamic_s"] = prefill["dynamic"]
-    r["dynamic_exit_layer"] = orchestrated("dynamic", 1).exit_layer
     n = decode_tokens
-    r["hf_decode_ms_per_token"] = 1e3 * (_median(lambda: hf.generate(n + 1), max(1, repeats // 2))
-                                         - r["hf_prefill_s"]) / n
-    r["mono_decode_ms_per_token"] = 1e3 * (_median(lambda: mono.decode(n), max(1, repeats // 2))
-                                           - r["mono_prefill_s"]) / n
-    for policy, key in (("none", "ort_decode_none_ms_per_token"), (f"layer:{k}", "ort_decode_exit_ms_per_token")):
-        runs = [orchestrated(policy, n + 1).timings_ms["decode"] / n for _ in range(max(1, repeats // 2) + 1)][1:]
-        r[key] = statistics.median(runs)
+    # Interleaved: one run of each per round, so the machine's drift hits every contender alike.
+    # The monolithic graph is measured with ONNX Runtime's default session options (what optimum's
+    # ORTModel gets) and with the package runtime's own options (no spinning between runs).
+    mono_same = MonolithicBaseline(mono_path, model, mono.embeds, spin=False)
+    prefill = _interleaved({
+        "hf_prefill_s": hf.prefill,
+        "hf_prefill_exit_s": lambda: hf.prefill(k),
+        "mono_prefill_s": mono.prefill,
+        "mono_same_options_prefill_s": mono_same.prefill,
+        "ort_prefill_none_s": lambda: orchestrated("none", 1).timings_ms["prefill"] / 1e3,
+        "ort_prefill_exit_s": lambda: orchestrated(f"layer:{k}", 1).timings_ms["prefill"] / 1e3,
+        "ort_prefill_dynamic_s": lambda: orchestrated("dynamic", 1).timings_ms["prefill"] / 1e3,
+    }, repeats)
+    r.update(prefill)
+    r["dynamic_exit_layer"] = orchestrated("dynamic", 1).exit_layer
+    decode = _interleaved({
+        "hf_generate_s": lambda: hf.generate(n + 1),
+        "mono_decode_s": lambda: mono.decode(n),
+        "mono_same_options_decode_s": lambda: mono_same.decode(n),
+        "ort_decode_none_ms_per_token": lambda: orchestrated("none", n + 1).timings_ms["decode"] / n,
+        "ort_decode_exit_ms_per_token": lambda: orchestrated(f"layer:{k}", n + 1).timings_ms["decode"] / n,
+    }, max(2, repeats // 2))
+    r["hf_decode_ms_per_token"] = 1e3 * (decode["hf_generate_s"] - r["hf_prefill_s"]) / n
+    r["mono_decode_ms_per_token"] = 1e3 * (decode["mono_decode_s"] - r["mono_prefill_s"]) / n
+    r["mono_same_options_decode_ms_per_token"] = 1e3 * (decode["mono_same_options_decode_s"]
+                                                        - r["mono_same_options_prefill_s"]) / n
+    r["ort_decode_none_ms_per_token"] = decode["ort_decode_none_ms_per_token"]
+    r["ort_decode_exit_ms_per_token"] = decode["ort_decode_exit_ms_per_token"]
     shape = FlopsShape.of(model)
     analytic = 1 / flops_ratio(shape, num_text, num_visual, k)
     s = model.shape
@@ -250,6 +269,11 @@ def table(r: dict) -> str:
         ("decode/token, orchestrated no-exit / monolithic graph (time ratio)",
          f"{r['orchestrated_vs_monolithic_decode']:.3f}",
          f"{r['ort_decode_none_ms_per_token']:.1f} vs {r['mono_decode_ms_per_token']:.1f} ms"),
+        ("prefill, orchestrated no-exit / monolithic, same session options",
+         f"{r['ort_prefill_none_s'] / r['mono_same_options_prefill_s']:.3f}", f"monolithic {r['mono_same_options_prefill_s']:.3f}s"),
+        ("decode/token, orchestrated no-exit / monolithic, same session options",
+         f"{r['ort_decode_none_ms_per_token'] / r['mono_same_options_decode_ms_per_token']:.3f}",
+         f"monolithic {r['mono_same_options_decode_ms_per_token']:.1f} ms"),
         ("decode/token, after exit / monolithic graph (time ratio)",
          f"{r['exit_decode_vs_monolithic']:.3f}", f"{r['ort_decode_exit_ms_per_token']:.1f} ms"),
         ("prefill, DyVTE (exit %d) in ONNX Runtime vs transformers (speed-up)" % k,

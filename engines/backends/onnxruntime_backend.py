@@ -7,6 +7,8 @@ they live on (CPU here; CUDA with the CUDA/TensorRT execution providers).
 
 from __future__ import annotations
 
+import threading
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,7 @@ class OnnxRuntimeBackend(PackageBackend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.sessions = {}
         self.graphs = {}
+        self._local = threading.local()
         for graph in manifest["graphs"]:
             path = self.package / graph["file"]
             try:
@@ -85,7 +88,26 @@ class OnnxRuntimeBackend(PackageBackend):
 
     # ------------------------------------------------------------------ binding
 
-    def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple]) -> list[torch.Tensor]:
+    def _kv_buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """An output tensor for a decode step's `present.*` cache, from two buffers per name used in
+        turn: step t writes into the one step t-2 wrote (dead by then: step t-1 read it and wrote
+        the other). A fresh 60 MB allocation per token costs its page faults on every step; the
+        monolithic graph gets its outputs from ONNX Runtime's arena. Per thread, so concurrent
+        generations never share a buffer."""
+        pools = self._local.__dict__.setdefault("kv", {})
+        slot = pools.setdefault(name, [[None, None], 0])
+        buffers, turn = slot
+        numel = prod(shape)
+        buf = buffers[turn]
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = buffers[turn] = torch.empty(numel + numel // 4, dtype=dtype, device=self.device)  # room to grow
+        slot[1] = 1 - turn
+        return buf[:numel].view(shape)
+
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple],
+             reuse: tuple[str, ...] = ()) -> list[torch.Tensor]:
+        """Run graph `name`; outputs whose names start with a prefix in `reuse` go to
+        `_kv_buffer`s (decode only: their previous contents must be dead)."""
         session = self.sessions[name]
         binding = session.io_binding()
         keep = []
@@ -96,7 +118,10 @@ class OnnxRuntimeBackend(PackageBackend):
                                tensor.data_ptr())
         results = []
         for key, (shape, dtype) in outputs.items():
-            out = torch.empty(shape, dtype=dtype, device=self.device)
+            if reuse and key.startswith(reuse):
+                out = self._kv_buffer(key, shape, dtype)
+            else:
+                out = torch.empty(shape, dtype=dtype, device=self.device)
             results.append(out)
             binding.bind_output(key, self._ort_device, 0, NUMPY_DTYPES[dtype], list(shape), out.data_ptr())
         session.run_with_iobinding(binding)
@@ -146,7 +171,7 @@ class OnnxRuntimeBackend(PackageBackend):
                 shape = (b, kv[0], masks[i].shape[1], kv[1])
                 outputs[f"present.{layer}.key"] = (shape, self.dtype)
                 outputs[f"present.{layer}.value"] = (shape, self.dtype)
-        out = self._run("decode", inputs, outputs)
+        out = self._run("decode", inputs, outputs, reuse=("present.",))
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.shape.num_layers)]
 
     def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

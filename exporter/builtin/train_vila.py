@@ -351,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=BaseTrainingConfig.steps)
     p.add_argument("--batch-size", type=int, default=BaseTrainingConfig.batch_size)
     p.add_argument("--exit-share", type=float, default=BaseTrainingConfig.exit_share)
+    p.add_argument("--vision-steps", type=int, default=BaseTrainingConfig.vision_steps)
+    p.add_argument("--polish-from", type=int, default=BaseTrainingConfig.polish_from_step,
+                   help="step from which label smoothing and exit practice apply")
+    p.add_argument("--eval-samples", type=int, default=BaseTrainingConfig.eval_samples,
+                   help="evaluation samples behind the accuracy printed during stage 1")
     p.add_argument("--router-samples", type=int, default=4000)
     p.add_argument("--router-epochs", type=int, default=12)
     p.add_argument("--router-lr", type=float, default=1e-3)
@@ -380,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             model = Vila().preset(seed=args.seed, name="builtin")
             model.routers = None
             config = BaseTrainingConfig(steps=args.steps, batch_size=args.batch_size, exit_share=args.exit_share,
+                                        vision_steps=args.vision_steps, eval_samples=args.eval_samples,
+                                        polish_from_step=args.polish_from,
                                         seed=args.seed)
             base_log = train_base(model, config, log=lambda m: print(m, flush=True))
             if args.save_base:
