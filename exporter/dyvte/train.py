@@ -566,15 +566,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except DyVTEError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from exporter.errors import run_cli
+
+    return run_cli(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
