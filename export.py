@@ -13,6 +13,8 @@ from pathlib import Path
 
 from exporter.errors import DyVTEError, run_cli
 
+STREAMED_FAMILIES = ("vila",)  # families whose loader can leave the language model on disk (--stream)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python export.py", description=__doc__,
@@ -33,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="text file, one prompt per line, for calibration/validation")
     p.add_argument("--thresholds", help="JSON file overriding the parity thresholds of the precision")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stream", action="store_true",
+                   help="keep the language model's weights on disk and load each graph's share only while it "
+                        "exports (checkpoints bigger than memory; VILA layout). Validation, unless --no-validate, "
+                        "then loads the whole model once")
     return p
 
 
@@ -67,13 +73,23 @@ def run(args) -> int:
     from validation.samples import sample_prompts
 
     options = {k: v for k, v in (("vision_tower", args.vision_tower), ("template", args.template)) if v}
-    model = load_model(args.model, args.checkpoint, args.routers, **options)
+    materialize = None
+    if args.stream:
+        if args.model not in STREAMED_FAMILIES or args.checkpoint is None:
+            raise DyVTEError(f"--stream needs --checkpoint of a {' or '.join(STREAMED_FAMILIES)} model "
+                             "(other layouts load eagerly)")
+        if args.exit_window == "auto":
+            raise DyVTEError("--exit-window auto runs the model to calibrate; give START:END with --stream")
+        from exporter.streaming import stream_weights
+
+        materialize = stream_weights
+    model = load_model(args.model, args.checkpoint, args.routers, **options, **({"lazy": True} if args.stream else {}))
     samples = lambda runtime: sample_prompts(runtime, args.images, args.prompts)  # noqa: E731
     plan = choose_plan(args, model, samples)
     output = Path(args.output or Path("exports") / args.model)
     source = {"family": args.model, "checkpoint": args.checkpoint, "routers": args.routers, **options}
     package = export_onnx(model, output, args.precision, plan, progress=not args.no_progress,
-                          extra_manifest={"source": source})
+                          extra_manifest={"source": source}, materialize=materialize)
     print(f"package written: {package}")
     if args.backend in ("tensorrt", "all"):
         from engines.backends.tensorrt_build import build_engines
@@ -83,6 +99,10 @@ def run(args) -> int:
         return 0
     from validation.parity import validate_package
     from validation.report_cli import read_thresholds
+
+    if args.stream:  # the PyTorch reference needs every weight: loaded now, after the export
+        del model
+        model = load_model(args.model, args.checkpoint, args.routers, **options)
 
     report = validate_package(package, model=model, images=args.images, prompts=args.prompts,
                               thresholds=read_thresholds(args.thresholds), progress=not args.no_progress)

@@ -177,7 +177,9 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
         ))
     # A head tied to the embedding must keep the weight untransposed on disk, so that the weights
     # file holds it once; constant folding would store a transposed copy.
-    tied = model.decoder.lm_head.weight.data_ptr() == model.decoder.embed_tokens.weight.data_ptr()
+    head, table = model.decoder.lm_head.weight, model.decoder.embed_tokens.weight
+    # (meta tensors of a streamed model all have data_ptr 0: identity decides for them)
+    tied = head is table or (not head.is_meta and head.data_ptr() == table.data_ptr())
     specs.append(GraphSpec(
         "lm_head", "lm_head", HeadGraph(model),
         [TensorSpec("hidden_states", "float", ("batch", "seq", hid))],

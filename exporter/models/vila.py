@@ -273,7 +273,10 @@ class Vila(Family):
         model.source = {"checkpoint": str(folder), "builtin": True}
         return model
 
-    def load(self, checkpoint: Path, template: str | None = None, dtype=torch.float32, **_) -> MultimodalModel:
+    def load(self, checkpoint: Path, template: str | None = None, dtype=torch.float32, lazy: bool = False,
+             **_) -> MultimodalModel:
+        """`lazy`: the language model stays on disk (meta tensors tagged with their files) until
+        `exporter.streaming.stream_weights` loads a graph's share; the vision half loads eagerly."""
         checkpoint = require_dir(Path(checkpoint), "VILA checkpoint")
         root = read_json(checkpoint / "config.json")
         if root.get("model_type") not in ("llava_llama", "vila", "llava_qwen2") and "LlavaLlamaModel" not in (
@@ -286,7 +289,12 @@ class Vila(Family):
         llm_dir = require_dir(checkpoint / "llm", "VILA llm")
         vt_dir = require_dir(checkpoint / "vision_tower", "VILA vision_tower")
         proj_dir = require_dir(checkpoint / "mm_projector", "VILA mm_projector")
-        llm = hf_from_pretrained(AutoModelForCausalLM, llm_dir, "VILA language model", dtype)
+        if lazy:
+            from exporter.streaming import lazy_causal_lm
+
+            llm = lazy_causal_lm(llm_dir, "VILA language model", dtype)
+        else:
+            llm = hf_from_pretrained(AutoModelForCausalLM, llm_dir, "VILA language model", dtype)
         vt_type = read_json(vt_dir / "config.json").get("model_type")
         if vt_type not in VISION_CLASSES:
             raise DyVTEError(f"unsupported VILA vision tower {vt_type!r}; supported: {', '.join(VISION_CLASSES)}")

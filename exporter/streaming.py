@@ -1,0 +1,107 @@
+"""Export from a checkpoint without holding it in memory: weights stay on disk until a graph needs them.
+
+`lazy_causal_lm` builds a Hugging Face causal LM from its config on the meta device (no memory) and
+records, for every parameter, the `.safetensors` file and key it comes from. `stream_weights` is the
+`materialize` hook of `exporter.package.export_onnx`: while one graph exports, its parameters are
+read from the files (memory-mapped, one tensor at a time) and dropped back to meta afterwards, so
+peak memory stays near the largest graph plus the (eagerly loaded) vision tower.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from exporter.errors import DyVTEError
+from exporter.models.checkpoint import read_json, require_dir, weight_files, wrap_load_errors
+
+SOURCE = "_dyvte_source"  # attribute on a meta parameter: (file, key, dtype)
+
+
+def _swap(module: nn.Module, qualified: str, tensor: torch.Tensor, source, requires_grad: bool) -> None:
+    """Replace a parameter (keeping requires_grad: the ONNX exporter folds a transposed weight
+    only for trainable-looking parameters, and the streamed graphs must equal the eager ones)."""
+    owner_name, _, leaf = qualified.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    param = nn.Parameter(tensor, requires_grad=requires_grad)
+    setattr(param, SOURCE, source)
+    setattr(owner, leaf, param)
+
+
+def _key_index(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """checkpoint key -> (file, shape) over the folder's weight files, reading headers only."""
+    index = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    index[key] = (str(f), list(handle.get_slice(key).get_shape()))
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise DyVTEError(f"cannot read {f} (truncated or damaged?): {exc}") from None
+    return index
+
+
+def lazy_causal_lm(folder: Path, what: str, dtype: torch.dtype = torch.float32):
+    """The causal LM of a Hugging Face folder on the meta device, each parameter tagged with its
+    source; the same refusals as an eager load (missing keys, shapes that do not match)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = require_dir(Path(folder), what)
+    read_json(folder / "config.json")
+    config = wrap_load_errors(f"{what} config from {folder}", AutoConfig.from_pretrained, str(folder),
+                              local_files_only=True)
+    with torch.device("meta"):
+        model = wrap_load_errors(f"{what} from {folder}", AutoModelForCausalLM.from_config, config, dtype=dtype)
+    index = _key_index(folder)
+    missing, mismatched = [], []
+    for name, p in model.named_parameters():
+        found = index.get(name)
+        if found is None:
+            missing.append(name)
+        elif found[1] != list(p.shape):
+            mismatched.append(f"{name} {found[1]} (expected {list(p.shape)})")
+        else:
+            setattr(p, SOURCE, (found[0], name, dtype))
+    for label, bad in (("lacks weights", missing), ("has weights of the wrong shape:", mismatched)):
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise DyVTEError(f"{what} at {folder} {label} {', '.join(bad[:3])}{more}")
+    # buffers computed at construction (rotary tables) are made real from the config
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb"):
+            owner_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner_name) if owner_name else model, leaf, type(module)(config))
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            raise DyVTEError(f"{what}: buffer {name} cannot be streamed (internal error)")
+    return model.eval()
+
+
+def _load(source) -> torch.Tensor:
+    file, key, dtype = source
+    with safe_open(file, framework="pt") as handle:
+        return handle.get_tensor(key).to(dtype)
+
+
+@contextmanager
+def stream_weights(module: nn.Module):
+    """Real tensors for `module`'s streamed parameters while the block runs, meta again after."""
+    made = []
+    for name, p in list(module.named_parameters()):
+        source = getattr(p, SOURCE, None)
+        if p.is_meta and source is not None:
+            _swap(module, name, _load(source), source, p.requires_grad)
+            made.append((name, p.shape, p.dtype, source, p.requires_grad))
+    try:
+        yield module
+    finally:
+        for name, shape, dtype, source, requires_grad in made:
+            _swap(module, name, torch.empty(shape, dtype=dtype, device="meta"), source, requires_grad)
+
+
+def is_streamed(model: nn.Module) -> bool:
+    return any(p.is_meta and hasattr(p, SOURCE) for p in model.parameters())
