@@ -83,7 +83,7 @@ def run(args) -> int:
         from exporter.streaming import stream_weights
 
         materialize = stream_weights
-    model = load_model(args.model, args.checkpoint, args.routers, **options, **({"lazy": True} if args.stream else {}))
+    model = load_model(args.model, args.checkpoint, args.routers, lazy=args.stream, **options)
     samples = lambda runtime: sample_prompts(runtime, args.images, args.prompts)  # noqa: E731
     plan = choose_plan(args, model, samples)
     output = Path(args.output or Path("exports") / args.model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -22,14 +23,38 @@ from exporter.models.checkpoint import read_json, require_dir, weight_files, wra
 SOURCE = "_dyvte_source"  # attribute on a meta parameter: (file, key, dtype)
 
 
-def _swap(module: nn.Module, qualified: str, tensor: torch.Tensor, source, requires_grad: bool) -> None:
-    """Replace a parameter (keeping requires_grad: the ONNX exporter folds a transposed weight
-    only for trainable-looking parameters, and the streamed graphs must equal the eager ones)."""
+def swap_parameter(module: nn.Module, qualified: str, tensor: torch.Tensor, like: nn.Parameter) -> None:
+    """Replace parameter `qualified` of `module` by `tensor`, keeping `like`'s requires_grad (the
+    ONNX exporter folds a transposed weight only for trainable-looking parameters, and streamed
+    graphs must equal eager ones) and its `_dyvte_*` tags (where the values come from)."""
     owner_name, _, leaf = qualified.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    param = nn.Parameter(tensor, requires_grad=requires_grad)
-    setattr(param, SOURCE, source)
+    param = nn.Parameter(tensor, requires_grad=like.requires_grad)
+    for attr, value in vars(like).items():
+        if attr.startswith("_dyvte_"):
+            setattr(param, attr, value)
     setattr(owner, leaf, param)
+
+
+def materializer(values: Callable[[str, nn.Parameter], torch.Tensor | None]):
+    """A `materialize` hook for `export_onnx`: inside it, every meta parameter of the module for
+    which `values(name, parameter)` gives a tensor holds that tensor; on exit they are meta again."""
+
+    @contextmanager
+    def materialize(module: nn.Module):
+        made = []
+        for name, p in list(module.named_parameters()):
+            tensor = values(name, p) if p.is_meta else None
+            if tensor is not None:
+                swap_parameter(module, name, tensor, p)
+                made.append((name, p))
+        try:
+            yield module
+        finally:
+            for name, p in made:
+                swap_parameter(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"), p)
+
+    return materialize
 
 
 def _key_index(folder: Path) -> dict[str, tuple[str, list[int]]]:
@@ -81,26 +106,17 @@ def lazy_causal_lm(folder: Path, what: str, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
-def _load(source) -> torch.Tensor:
+def _from_file(name: str, p: nn.Parameter) -> torch.Tensor | None:
+    source = getattr(p, SOURCE, None)
+    if source is None:
+        return None
     file, key, dtype = source
     with safe_open(file, framework="pt") as handle:
         return handle.get_tensor(key).to(dtype)
 
 
-@contextmanager
-def stream_weights(module: nn.Module):
-    """Real tensors for `module`'s streamed parameters while the block runs, meta again after."""
-    made = []
-    for name, p in list(module.named_parameters()):
-        source = getattr(p, SOURCE, None)
-        if p.is_meta and source is not None:
-            _swap(module, name, _load(source), source, p.requires_grad)
-            made.append((name, p.shape, p.dtype, source, p.requires_grad))
-    try:
-        yield module
-    finally:
-        for name, shape, dtype, source, requires_grad in made:
-            _swap(module, name, torch.empty(shape, dtype=dtype, device="meta"), source, requires_grad)
+stream_weights = materializer(_from_file)
+stream_weights.__doc__ = "Real tensors for a module's streamed parameters while the block runs, meta again after."
 
 
 def is_streamed(model: nn.Module) -> bool:

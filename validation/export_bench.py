@@ -13,7 +13,6 @@ import json
 import sys
 import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,14 +41,6 @@ def _init_tensor(name: str, shape, dtype, seed: int) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
 
-def _swap(module: nn.Module, qualified: str, tensor: torch.Tensor, tag: str) -> None:
-    owner_name, _, leaf = qualified.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    param = nn.Parameter(tensor, requires_grad=False)
-    param._dyvte_name = tag
-    setattr(owner, leaf, param)
-
-
 def tag_parameters(model: nn.Module) -> None:
     """Remember each parameter's name in the full model (graphs see them under other names)."""
     for name, p in model.named_parameters():
@@ -58,30 +49,18 @@ def tag_parameters(model: nn.Module) -> None:
 
 def random_weights(seed: int = 0):
     """A `materialize` hook for `export_onnx`: real tensors while a graph exports, meta after."""
+    from exporter.streaming import materializer
 
-    @contextmanager
-    def materialize(module: nn.Module):
-        made = []
-        for name, p in list(module.named_parameters()):
-            if p.is_meta:
-                tag = getattr(p, "_dyvte_name", name)
-                _swap(module, name, _init_tensor(tag, p.shape, p.dtype, seed), tag)
-                made.append((name, p.shape, p.dtype, tag))
-        try:
-            yield module
-        finally:
-            for name, shape, dtype, tag in made:
-                _swap(module, name, torch.empty(shape, dtype=dtype, device="meta"), tag)
-
-    return materialize
+    return materializer(lambda name, p: _init_tensor(getattr(p, "_dyvte_name", name), p.shape, p.dtype, seed))
 
 
 def materialize_all(model: nn.Module, seed: int = 0) -> nn.Module:
     """Every meta parameter made real with the same values the streamed export used."""
+    from exporter.streaming import swap_parameter
+
     for name, p in list(model.named_parameters()):
         if p.is_meta:
-            tag = getattr(p, "_dyvte_name", name)
-            _swap(model, name, _init_tensor(tag, p.shape, p.dtype, seed), tag)
+            swap_parameter(model, name, _init_tensor(getattr(p, "_dyvte_name", name), p.shape, p.dtype, seed), p)
     return model
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -51,6 +50,7 @@ from exporter.dyvte.router import save_routers
 from exporter.dyvte.train import (
     RouterTrainingConfig,
     answer_batch,
+    cosine_with_warmup,
     embed_batch,
     format_summary,
     run_removed_branch,
@@ -192,12 +192,13 @@ class FastPrompts:
         return self.processor.transform(image)
 
     def __call__(self, sample) -> Prompt:
-        pixels = self.pixels(sample.load_image())
+        image = sample.load_image()
         if sample.question not in self._ids:
-            built = self.processor.build(sample.question, sample.load_image())
+            built = self.processor.build(sample.question, image)
             self._ids[sample.question] = (built.input_ids, built.visual_span)
+            return built
         ids, span = self._ids[sample.question]
-        return Prompt(list(ids), span, pixels)
+        return Prompt(list(ids), span, self.pixels(image))
 
     def check(self, sample) -> None:
         fast, slow = self(sample), self.processor.build(sample.question, sample.load_image())
@@ -236,20 +237,13 @@ def quick_accuracy(model, samples, policy="none") -> float:
     return sum(normalise(r.text) == s.answer for r, s in zip(results, samples)) / len(samples)
 
 
-def _lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _optimizer(params, config: BaseTrainingConfig, steps: int):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, steps, min(config.warmup_steps, steps // 4 + 1), config.min_lr_ratio))
+        optimizer, lambda s: cosine_with_warmup(s, steps, min(config.warmup_steps, steps // 4 + 1), config.min_lr_ratio))
     return optimizer, scheduler
 
 
@@ -369,52 +363,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args, argv: list[str] | None = None) -> int:
     from exporter.models.vila import Vila
 
-    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.output)
-    try:
-        t0 = time.perf_counter()
-        if args.base_from:
-            model = Vila().load(Path(args.base_from))
-            base_log = json.loads((Path(args.base_from) / "training.json").read_text()).get("base", {}) \
-                if (Path(args.base_from) / "training.json").is_file() else {}
-        else:
-            model = Vila().preset(seed=args.seed, name="builtin")
-            model.routers = None
-            config = BaseTrainingConfig(steps=args.steps, batch_size=args.batch_size, exit_share=args.exit_share,
-                                        vision_steps=args.vision_steps, eval_samples=args.eval_samples,
-                                        polish_from_step=args.polish_from,
-                                        seed=args.seed)
-            base_log = train_base(model, config, log=lambda m: print(m, flush=True))
-            if args.save_base:
-                model.native.save(Path(args.save_base))
-                (Path(args.save_base) / "training.json").write_text(json.dumps({"base": base_log}, indent=2))
+    t0 = time.perf_counter()
+    if args.base_from:
+        model = Vila().load(Path(args.base_from))
+        base_log = json.loads((Path(args.base_from) / "training.json").read_text()).get("base", {}) \
+            if (Path(args.base_from) / "training.json").is_file() else {}
+    else:
+        model = Vila().preset(seed=args.seed, name="builtin")
         model.routers = None
-        rconfig = RouterTrainingConfig(epochs=args.router_epochs, batch_size=32, lr=args.router_lr,
-                                       inner=args.router_inner, keep_weight=args.router_keep_weight,
-                                       max_new_tokens=4, seed=args.seed, progress=not args.no_progress)
-        train = synthetic_split("train", args.router_samples, seed=args.seed + 1)
-        held = synthetic_split("eval", args.router_eval_samples, seed=args.seed + 1)
-        routers, summary = train_routers(model, train, rconfig, held)
-        print(format_summary(summary), flush=True)
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.native.save(staging)
-        save_routers(routers, staging / "routers.safetensors",
-                     metadata={k: summary[k] for k in ("num_layers", "train_samples", "epochs")})
-        (staging / "training.json").write_text(json.dumps(
-            {"base": base_log, "routers": summary, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
-             "command": "python -m exporter.builtin.train_vila " + " ".join(argv or sys.argv[1:])}, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
-        print(f"built-in VILA written to {out} in {time.perf_counter() - t0:.0f}s")
-        return 0
-    except DyVTEError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        config = BaseTrainingConfig(steps=args.steps, batch_size=args.batch_size, exit_share=args.exit_share,
+                                    vision_steps=args.vision_steps, eval_samples=args.eval_samples,
+                                    polish_from_step=args.polish_from,
+                                    seed=args.seed)
+        base_log = train_base(model, config, log=lambda m: print(m, flush=True))
+        if args.save_base:
+            model.native.save(Path(args.save_base))
+            (Path(args.save_base) / "training.json").write_text(json.dumps({"base": base_log}, indent=2))
+    model.routers = None
+    rconfig = RouterTrainingConfig(epochs=args.router_epochs, batch_size=32, lr=args.router_lr,
+                                   inner=args.router_inner, keep_weight=args.router_keep_weight,
+                                   max_new_tokens=4, seed=args.seed, progress=not args.no_progress)
+    train = synthetic_split("train", args.router_samples, seed=args.seed + 1)
+    held = synthetic_split("eval", args.router_eval_samples, seed=args.seed + 1)
+    routers, summary = train_routers(model, train, rconfig, held)
+    print(format_summary(summary), flush=True)
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.native.save(staging)
+    save_routers(routers, staging / "routers.safetensors",
+                 metadata={k: summary[k] for k in ("num_layers", "train_samples", "epochs")})
+    (staging / "training.json").write_text(json.dumps(
+        {"base": base_log, "routers": summary, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
+         "command": "python -m exporter.builtin.train_vila " + " ".join(argv or sys.argv[1:])}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    print(f"built-in VILA written to {out} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from exporter.errors import run_cli
+
+    return run_cli(lambda args: run(args, argv), build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

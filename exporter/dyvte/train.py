@@ -367,11 +367,12 @@ class LayerExamples:
 # --------------------------------------------------------------------------- training
 
 
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up to 1, then a cosine down to `floor`."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _freeze(model: MultimodalModel) -> None:
