@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporter.errors import DyVTEError, run_cli
+from engines.core.errors import DyVTEError, run_cli
 
 STREAMED_FAMILIES = ("vila",)  # families whose loader can leave the language model on disk (--stream)
 
@@ -89,7 +89,7 @@ def run(args) -> int:
     output = Path(args.output or Path("exports") / args.model)
     source = {"family": args.model, "checkpoint": args.checkpoint, "routers": args.routers, **options}
     package = export_onnx(model, output, args.precision, plan, progress=not args.no_progress,
-                          extra_manifest={"source": source}, materialize=materialize)
+                          source=source, materialize=materialize)
     print(f"package written: {package}")
     if args.backend in ("tensorrt", "all"):
         from engines.backends.tensorrt_build import build_engines

@@ -1,4 +1,6 @@
-"""`python -m engines run ...`: generate with DyVTE on any backend, from a model or a package."""
+"""`python -m engines run ...`: generate with DyVTE on any backend, from a model or a package.
+
+An entry point (the top layer): it may import the exporter, for the PyTorch reference of a model."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import sys
 
 from engines.policy import ExitPolicy, GenerationConfig
-from exporter.errors import DyVTEError, run_cli
+from engines.core.errors import DyVTEError, run_cli
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -60,17 +62,15 @@ def _pairs(images: list[str], prompts: list[str]) -> list[tuple[str | None, str]
 
 
 def load_runtime(args):
-    from engines.load import open_model, open_package
+    from engines.load import open_package
+    from exporter.reference import open_model, package_reference
 
     if args.package:
         if args.model or args.checkpoint:
             raise DyVTEError("give either a package directory or --model/--checkpoint, not both")
         backend = args.backend or "onnxruntime"
         if backend == "torch":  # the PyTorch reference of the model the package was exported from
-            from exporter.package import load_manifest
-            from validation.parity import reference_runtime
-
-            return reference_runtime(args.package, load_manifest(args.package))
+            return package_reference(args.package)
         return open_package(args.package, backend=backend, device=args.device)
     if not args.model:
         raise DyVTEError("give a package directory or --model FAMILY (with --checkpoint DIR for real weights)")
@@ -84,7 +84,7 @@ def load_runtime(args):
 
 
 def run(args) -> int:
-    from exporter.models.base import load_image
+    from engines.core.prompt import load_image
 
     runtime = load_runtime(args)
     policy = ExitPolicy.parse(args.exit_policy) if args.exit_policy else (

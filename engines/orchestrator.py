@@ -10,31 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
+from engines.backends.base import Backend
 from engines.policy import ExitPolicy, GenerationConfig, TokenSampler
-from exporter.dyvte.router import exit_decision, text_feature_weights
-from exporter.errors import DyVTEError
-from exporter.models.base import Prompt
-from exporter.models.decoder import DecoderShape
-
-
-class Backend(Protocol):
-    """What the orchestrator needs from a backend; all tensors are torch tensors."""
-
-    shape: DecoderShape
-    segments: list[tuple[int, int]]  # contiguous layer ranges [start, end) covering all layers
-    router_layers: frozenset[int]  # layers after which a router can be asked (empty: no routers)
-    dtype: torch.dtype
-    device: torch.device
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...  # [N, V, H]
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [B, S, H]
-    def run_segment(self, index, hidden, position_ids, key_mask, past): ...  # -> hidden, presents
-    def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [B, S, vocab]
+from engines.core.dyvte import drop_visual, exit_decision, layout_prompts, router_weights, splice_visual
+from engines.core.errors import DyVTEError
+from engines.core.prompt import Prompt
 
 
 @dataclass
@@ -70,16 +54,10 @@ class Cohort:
         )
 
     def drop_visual(self) -> "Cohort":
-        """The exit: keep the real non-visual rows, in order, re-left-padded. A gather, on device."""
-        keep = self.key_mask.bool() & ~self.visual
-        new_len = int(keep.sum(dim=1).max())
-        order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - new_len:]
-        gather = lambda t: torch.gather(t, 1, order)  # noqa: E731
-        hidden = torch.gather(self.hidden, 1, order[..., None].expand(-1, -1, self.hidden.shape[-1]))
-        return Cohort(
-            self.rows, hidden, gather(self.position_ids), gather(keep.to(self.key_mask.dtype)),
-            torch.zeros_like(order, dtype=torch.bool), self.caches,
-        )
+        """The exit (see `engines.core.dyvte.drop_visual`)."""
+        key_mask, hidden, positions = drop_visual(self.key_mask, self.visual, self.hidden, self.position_ids)
+        return Cohort(self.rows, hidden, positions, key_mask, torch.zeros_like(key_mask, dtype=torch.bool),
+                      self.caches)
 
 
 class Runtime:
@@ -181,29 +159,11 @@ class Runtime:
 
     def _batch_inputs(self, prompts: list[Prompt], visual: list[torch.Tensor | None]) -> Cohort:
         """Left-padded embeddings with the visual embeddings spliced in, positions and masks."""
-        b = self.backend
-        seq = max(len(p.input_ids) for p in prompts)
-        n = len(prompts)
-        ids = torch.zeros(n, seq, dtype=torch.long)
-        key_mask = torch.zeros(n, seq, dtype=torch.long)
-        is_visual = torch.zeros(n, seq, dtype=torch.bool)
-        positions = torch.zeros(n, seq, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            pad = seq - len(p.input_ids)
-            ids[i, pad:] = torch.tensor(p.input_ids).clamp(min=0)
-            key_mask[i, pad:] = 1
-            positions[i, pad:] = torch.arange(len(p.input_ids))
-            if p.visual_span is not None:
-                ids[i, pad + p.visual_span[0]: pad + p.visual_span[1]] = 0
-                is_visual[i, pad + p.visual_span[0]: pad + p.visual_span[1]] = True
-        dev = b.device
-        hidden = b.embed(ids.to(dev))
-        for i, p in enumerate(prompts):
-            if visual[i] is not None:
-                pad = seq - len(p.input_ids)
-                s, e = p.visual_span
-                hidden[i, pad + s: pad + e] = visual[i].to(hidden.dtype)
-        return Cohort(torch.arange(n), hidden, positions.to(dev), key_mask.to(dev), is_visual.to(dev))
+        dev = self.backend.device
+        layout = layout_prompts(prompts)
+        hidden = splice_visual(self.backend.embed(layout.input_ids.to(dev)), layout.visual, visual)
+        return Cohort(torch.arange(len(prompts)), hidden, layout.position_ids.to(dev), layout.key_mask.to(dev),
+                      layout.visual.to(dev))
 
     def _prefill(self, prompts, visual, policy, results, observe=None, probe=False):
         b = self.backend
@@ -213,8 +173,9 @@ class Runtime:
             for c in cohorts:
                 empty = torch.zeros(c.hidden.shape[0], b.shape.num_kv_heads, 0, b.shape.head_dim,
                                     dtype=b.dtype, device=b.device)
+                phase = "pre_exit" if bool(c.visual.any()) else "post_exit"
                 c.hidden, presents = b.run_segment(index, c.hidden, c.position_ids, c.key_mask,
-                                                   [(empty, empty)] * (end - start))
+                                                   [(empty, empty)] * (end - start), phase)
                 c.caches.extend((k, v, c.key_mask) for k, v in presents)
                 if observe:
                     valid = c.key_mask.bool()
@@ -239,11 +200,7 @@ class Runtime:
         if policy.kind == "static":
             leave = has_visual if layer == policy.layer else torch.zeros_like(has_visual)
         elif layer in self.backend.router_layers and (policy.kind == "dynamic" or probe):
-            visual_end = torch.where(
-                has_visual, c.visual.shape[1] - torch.argmax(c.visual.flip(1).to(torch.int8), dim=1), 0
-            )
-            weights = text_feature_weights(c.hidden.shape[1], visual_end, torch.full_like(visual_end, c.hidden.shape[1]))
-            logits = self.backend.router_logits(layer, c.hidden, weights).float().cpu()
+            logits = self.backend.router_logits(layer, c.hidden, router_weights(c.visual)).float().cpu()
             for row, lg, hv in zip(c.rows.tolist(), logits, has_visual.tolist()):
                 if hv:
                     results[row].router_logits[layer] = lg.tolist()
@@ -319,19 +276,11 @@ class Runtime:
         ids = torch.tensor(tokens, device=b.device)[:, None]
         ones = torch.ones(len(tokens), 1, dtype=caches[0][2].dtype, device=b.device)
         masks = [torch.cat([caches[start][2], ones], dim=1) for start, _ in b.segments]
-        if getattr(b, "fused_decode", False):
-            logits, presents = b.decode_step(ids, positions[:, None], masks, [(c[0], c[1]) for c in caches])
-            for mask, (start, end) in zip(masks, b.segments):
-                for layer in range(start, end):
-                    caches[layer] = [*presents[layer], mask]
-            return logits[:, -1]
-        hidden = b.embed(ids)
-        for index, (mask, (start, end)) in enumerate(zip(masks, b.segments)):
-            past = [(caches[layer][0], caches[layer][1]) for layer in range(start, end)]
-            hidden, presents = b.run_segment(index, hidden, positions[:, None], mask, past)
-            for layer, (k, v) in zip(range(start, end), presents):
-                caches[layer] = [k, v, mask]
-        return b.logits(hidden)[:, -1]
+        logits, presents = b.decode_step(ids, positions[:, None], masks, [(c[0], c[1]) for c in caches])
+        for mask, (start, end) in zip(masks, b.segments):
+            for layer in range(start, end):
+                caches[layer] = [*presents[layer], mask]
+        return logits[:, -1]
 
 
 def _ranges(values: list[int]) -> str:

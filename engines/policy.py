@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 
 @dataclass(frozen=True)

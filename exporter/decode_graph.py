@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 
+from engines.core.manifest import NAMES
 from exporter.graphs import TensorSpec
 
 
@@ -40,36 +41,39 @@ def _set_axes(value: onnx.ValueInfoProto, names: dict[str, str]) -> None:
             dim.dim_param = names[dim.dim_param]
 
 
-def compose_decode_graph(folder: Path, manifest_graphs: list[dict]) -> tuple[onnx.ModelProto, list, list]:
-    """The decode graph of the package's `graphs/` folder, and its input/output specs."""
+def compose_decode_graph(folder: Path, manifest_graphs) -> tuple[onnx.ModelProto, list, list]:
+    """The decode graph of the package's `graphs/` folder (manifest `GraphEntry`s), and its
+    input/output specs."""
     by_role = {}
     for g in manifest_graphs:
-        by_role.setdefault(g["role"], []).append(g)
-    load = lambda g: onnx.load(str(folder / Path(g["file"]).name), load_external_data=False)  # noqa: E731
+        by_role.setdefault(g.role, []).append(g)
+    load = lambda g: onnx.load(str(folder / Path(g.file).name), load_external_data=False)  # noqa: E731
     embed, head = load(by_role["embed"][0]), load(by_role["lm_head"][0])
-    segments = by_role["decoder"]
+    segments = sorted(by_role["decoder"], key=lambda g: g.layers)
+    n = NAMES
     merged = onnx.helper.make_graph([], "decode", [], [])
     inputs: list[onnx.ValueInfoProto] = []
     outputs: list[onnx.ValueInfoProto] = []
 
-    _rename_graph(embed.graph, "embed/", {"input_ids": "input_ids", "inputs_embeds": "hidden.0"})
+    _rename_graph(embed.graph, "embed/", {n.input_ids: n.input_ids, n.inputs_embeds: "hidden.0"})
     inputs += list(embed.graph.input)
     parts = [embed.graph]
     for i, g in enumerate(segments):
         proto = load(g)
-        keep = {"hidden_states": f"hidden.{i}", "hidden_states_out": f"hidden.{i + 1}",
-                "position_ids": "position_ids", "attention_mask": f"attention_mask.{i}"}
-        for t in g["inputs"][3:] + g["outputs"][1:]:
-            keep[t["name"]] = t["name"]
-        _rename_graph(proto.graph, f"{g['name']}/", keep)
+        keep = {n.hidden_in: f"hidden.{i}", n.hidden_out: f"hidden.{i + 1}",
+                n.position_ids: n.position_ids, n.attention_mask: n.mask(i)}
+        for layer in range(*g.layers):
+            for name in (*n.past(layer), *n.new(layer)):
+                keep[name] = name
+        _rename_graph(proto.graph, f"{g.name}/", keep)
         axes = {"past_seq": f"past_seq.{i}", "total_seq": f"total_seq.{i}"}
         for value in list(proto.graph.input) + list(proto.graph.output):
             _set_axes(value, axes)
         inputs += [v for v in proto.graph.input if v.name not in {f"hidden.{i}"} and
-                   not (i > 0 and v.name == "position_ids")]
+                   not (i > 0 and v.name == n.position_ids)]
         outputs += [v for v in proto.graph.output if v.name != f"hidden.{i + 1}"]
         parts.append(proto.graph)
-    _rename_graph(head.graph, "lm_head/", {"hidden_states": f"hidden.{len(segments)}", "logits": "logits"})
+    _rename_graph(head.graph, "lm_head/", {n.hidden_in: f"hidden.{len(segments)}", n.logits: n.logits})
     parts.append(head.graph)
     outputs = list(head.graph.output) + outputs
     for part in parts:

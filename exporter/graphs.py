@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from exporter.dyvte.router import Routers, router_features
+from engines.core.dyvte import router_features
+from engines.core.manifest import NAMES
+from exporter.dyvte.router import Routers
 from exporter.models.base import MultimodalModel
 from exporter.models.decoder import run_layers
 
@@ -121,10 +123,10 @@ def segment_spec(shape, graph: SegmentGraph, start: int) -> GraphSpec:
     n = len(graph.layers)
     end = start + n
     hid, kv = shape.hidden_size, (shape.num_kv_heads, shape.head_dim)
-    past = [TensorSpec(f"past.{layer}.{t}", "float", ("batch", kv[0], "past_seq", kv[1]))
-            for layer in range(start, end) for t in ("key", "value")]
-    present = [TensorSpec(f"present.{layer}.{t}", "float", ("batch", kv[0], "total_seq", kv[1]))
-               for layer in range(start, end) for t in ("key", "value")]
+    past = [TensorSpec(name, "float", ("batch", kv[0], "past_seq", kv[1]))
+            for layer in range(start, end) for name in NAMES.past(layer)]
+    present = [TensorSpec(name, "float", ("batch", kv[0], "total_seq", kv[1]))
+               for layer in range(start, end) for name in NAMES.new(layer)]
 
     def example(dt):
         return (
@@ -136,10 +138,10 @@ def segment_spec(shape, graph: SegmentGraph, start: int) -> GraphSpec:
 
     return GraphSpec(
         segment_name(start, end), "decoder", graph,
-        [TensorSpec("hidden_states", "float", ("batch", "seq", hid)),
-         TensorSpec("position_ids", "int64", ("batch", "seq")),
-         TensorSpec("attention_mask", "int64", ("batch", "total_seq")), *past],
-        [TensorSpec("hidden_states_out", "float", ("batch", "seq", hid)), *present],
+        [TensorSpec(NAMES.hidden_in, "float", ("batch", "seq", hid)),
+         TensorSpec(NAMES.position_ids, "int64", ("batch", "seq")),
+         TensorSpec(NAMES.attention_mask, "int64", ("batch", "total_seq")), *past],
+        [TensorSpec(NAMES.hidden_out, "float", ("batch", "seq", hid)), *present],
         example, layers=(start, end), nested=list(range(3, 3 + 2 * n)),
     )
 
@@ -152,14 +154,14 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
     visual_tokens = "visual_tokens"
     specs.append(GraphSpec(
         "vision", "vision", VisionGraph(model.vision),
-        [TensorSpec("pixel_values", "float", ("tiles", *image_shape))],
-        [TensorSpec("visual_embeds", "float", ("tiles", visual_tokens, hid))],
+        [TensorSpec(NAMES.pixel_values, "float", ("tiles", *image_shape))],
+        [TensorSpec(NAMES.visual_embeds, "float", ("tiles", visual_tokens, hid))],
         lambda dt: (torch.randn(EX_TILES, *image_shape, dtype=dt),),
     ))
     specs.append(GraphSpec(
         "embed", "embed", EmbedGraph(model.decoder.embed_tokens),
-        [TensorSpec("input_ids", "int64", ("batch", "seq"))],
-        [TensorSpec("inputs_embeds", "float", ("batch", "seq", hid))],
+        [TensorSpec(NAMES.input_ids, "int64", ("batch", "seq"))],
+        [TensorSpec(NAMES.inputs_embeds, "float", ("batch", "seq", hid))],
         lambda dt: (torch.randint(0, s.vocab_size, (EX_BATCH, EX_SEQ)),),
     ))
     for start, end in segments:
@@ -168,10 +170,10 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
     if model.routers is not None:
         specs.append(GraphSpec(
             "hypernet", "hypernet", HypernetGraph(model.routers),
-            [TensorSpec("hidden_states", "float", ("batch", "seq", hid)),
-             TensorSpec("text_weights", "float", ("batch", "seq")),
-             TensorSpec("layer", "int64", (1,))],
-            [TensorSpec("router_logits", "float", ("batch", 2))],
+            [TensorSpec(NAMES.hidden_in, "float", ("batch", "seq", hid)),
+             TensorSpec(NAMES.text_weights, "float", ("batch", "seq")),
+             TensorSpec(NAMES.router_layer, "int64", (1,))],
+            [TensorSpec(NAMES.router_logits, "float", ("batch", 2))],
             lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),
                         torch.full((EX_BATCH, EX_SEQ), 1.0 / EX_SEQ, dtype=dt), torch.tensor([1])),
         ))
@@ -182,8 +184,8 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
     tied = head is table or (not head.is_meta and head.data_ptr() == table.data_ptr())
     specs.append(GraphSpec(
         "lm_head", "lm_head", HeadGraph(model),
-        [TensorSpec("hidden_states", "float", ("batch", "seq", hid))],
-        [TensorSpec("logits", "float", ("batch", "seq", s.vocab_size))],
+        [TensorSpec(NAMES.hidden_in, "float", ("batch", "seq", hid))],
+        [TensorSpec(NAMES.logits, "float", ("batch", "seq", s.vocab_size))],
         lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),), optimize=not tied,
     ))
     return specs
@@ -208,6 +210,6 @@ def monolithic_spec(model: MultimodalModel) -> GraphSpec:
     s = model.shape
     spec = segment_spec(s, SegmentGraph(model.decoder.layers, model.decoder.rotary_emb), 0)
     spec.name, spec.role, spec.module = "monolithic", "monolithic", MonolithicGraph(model)
-    spec.inputs[0] = TensorSpec("inputs_embeds", "float", ("batch", "seq", s.hidden_size))
-    spec.outputs[0] = TensorSpec("logits", "float", ("batch", 1, s.vocab_size))
+    spec.inputs[0] = TensorSpec(NAMES.inputs_embeds, "float", ("batch", "seq", s.hidden_size))
+    spec.outputs[0] = TensorSpec(NAMES.logits, "float", ("batch", 1, s.vocab_size))
     return spec

@@ -23,8 +23,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from engines.core.manifest import NAMES
 from exporter.graphs import GraphSpec, SegmentGraph, segment_spec
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 OPSET = 18
 INLINE_LIMIT = 1024  # initializers smaller than this stay inside the .onnx file
@@ -166,9 +167,9 @@ def _instantiate(template: onnx.ModelProto, mapping: dict, spec: GraphSpec, dtyp
     model.CopyFrom(template)
     rename = {}
     for local in range(spec.layers[1] - start):
-        for prefix in ("past", "present"):
-            for kind in ("key", "value"):
-                rename[f"{prefix}.{local}.{kind}"] = f"{prefix}.{start + local}.{kind}"
+        for old, new in zip((*NAMES.past(local), *NAMES.new(local)),
+                            (*NAMES.past(start + local), *NAMES.new(start + local))):
+            rename[old] = new
     layers = spec.module.layers
     for init_name, (param_name, transposed) in mapping.items():
         local, rest = param_name.split(".", 1)

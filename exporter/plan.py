@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 
 @dataclass(frozen=True)

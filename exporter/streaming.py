@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from exporter.errors import DyVTEError
-from exporter.models.checkpoint import read_json, require_dir, weight_files, wrap_load_errors
+from engines.core.errors import DyVTEError
+from engines.core.errors import wrap_load_errors
+from exporter.models.checkpoint import read_json, require_dir, weight_files
 
 SOURCE = "_dyvte_source"  # attribute on a meta parameter: (file, key, dtype)
 
@@ -102,7 +103,7 @@ def lazy_causal_lm(folder: Path, what: str, dtype: torch.dtype = torch.float32):
             setattr(model.get_submodule(owner_name) if owner_name else model, leaf, type(module)(config))
     for name, buffer in model.named_buffers():
         if buffer.is_meta:
-            raise DyVTEError(f"{what}: buffer {name} cannot be streamed (internal error)")
+            raise RuntimeError(f"{what}: buffer {name} cannot be streamed (a bug: it should be made real above)")
     return model.eval()
 
 

@@ -52,7 +52,8 @@ def routers_with_exits(runtime, prompts, targets, margin: float = 5.0, inner: in
     """Routers fitted (least squares on fixed random GELU features of each layer's real hidden
     states) so that prompt i exits after layer targets[i] (None: never), with router logits of
     +-margin: far from any tie that float noise could flip. Works for any family's runtime."""
-    from exporter.dyvte.router import Routers, router_features, text_feature_weights
+    from engines.core.dyvte import router_features, text_feature_weights
+    from exporter.dyvte.router import Routers
 
     shape = runtime.backend.shape
     states: list[dict[int, torch.Tensor]] = [{} for _ in prompts]
@@ -79,3 +80,10 @@ def routers_with_exits(runtime, prompts, targets, margin: float = 5.0, inner: in
         target = torch.stack([-want / 2, want / 2], dim=1)
         router.w2.weight.data = torch.linalg.lstsq(inner_act, target).solution.T.contiguous()
     return routers
+
+
+def load_manifest(package, verify: bool = True) -> dict:
+    """A package's manifest as plain JSON data (after the typed load has validated it)."""
+    from engines.core.manifest import Manifest
+
+    return Manifest.load(package, verify=verify).to_dict()

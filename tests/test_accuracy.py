@@ -6,14 +6,15 @@ import pytest
 
 from exporter.builtin import builtin_checkpoint
 from exporter.data.synthetic import synthetic_split
-from exporter.dyvte.flops import FlopsShape, flops_ratio, layer_flops, prefill_flops
+from engines.core.shape import ModelShape
+from exporter.dyvte.flops import flops_ratio, layer_flops, prefill_flops
 from exporter.dyvte.router import save_routers, seeded_routers
 from exporter.models import load_model
 from validation.__main__ import main
 from validation.accuracy import checks, evaluate_accuracy, format_report
 
-SHAPE = FlopsShape(num_layers=4, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16,
-                   vocab_size=10)
+SHAPE = ModelShape(num_layers=4, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, vocab_size=10,
+                   max_positions=64, intermediate_size=16)
 
 
 def test_layer_flops_by_hand():

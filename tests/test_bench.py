@@ -6,7 +6,7 @@ the analytic FLOPs ratio and KV-cache bytes follow from the shape."""
 
 import pytest
 
-from exporter.dyvte.flops import FlopsShape, flops_ratio
+from exporter.dyvte.flops import flops_ratio
 from exporter.models.llava import Llava
 from validation.bench import run_bench, table
 
@@ -35,7 +35,7 @@ def test_analytic_ratio_and_kv_bytes_follow_from_the_shape(result):
     model = Llava().preset(seed=0, name="tiny")
     s, shape = model.shape, result["shape"]
     assert shape["layers"] == s.num_layers and shape["exit_layer"] == 1
-    expected = 1 / flops_ratio(FlopsShape.of(model), shape["text_tokens"], shape["visual_tokens"], 1)
+    expected = 1 / flops_ratio(model.shape, shape["text_tokens"], shape["visual_tokens"], 1)
     assert result["analytic_speedup"] == pytest.approx(expected)
     per_token = 2 * s.num_kv_heads * s.head_dim * 4
     assert result["kv_bytes_saved"] == (s.num_layers - 2) * shape["visual_tokens"] * per_token

@@ -15,7 +15,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from engines.backends.torch_backend import TorchBackend
 from engines.orchestrator import Runtime
 from exporter.dyvte.router import seeded_routers
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models import get_family, load_model
 from exporter.models.eagle import Eagle
 from exporter.models.tokenizer import build_word_tokenizer

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from engines.load import open_package
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.graphs import EmbedGraph, HeadGraph, HypernetGraph, SegmentGraph, VisionGraph
 from exporter.onnx_export import check_graph
-from exporter.package import export_onnx, load_manifest, weights_bytes
+from exporter.package import export_onnx, weights_bytes
+from helpers import load_manifest
 from exporter.plan import SplitPlan
 from exporter.trt_lint import lint_for_tensorrt
 

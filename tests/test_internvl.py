@@ -18,10 +18,10 @@ from transformers import (
 from engines.backends.torch_backend import TorchBackend
 from engines.orchestrator import Runtime
 from exporter.dyvte.router import save_routers, seeded_routers
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models import load_model
 from exporter.models.internvl import PRESETS, InternVL
-from exporter.models.processor import Processor, PromptSpec
+from engines.core.prompt import Processor, PromptSpec
 from helpers import random_image, recompute_logits, splice
 
 TOKENS_PER_TILE = 16  # preset tiles: 56 px, patch 7 -> 8x8 grid, pixel shuffle 0.5 -> 4x4

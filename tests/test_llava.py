@@ -27,7 +27,7 @@ from transformers import (
 from engines.backends.torch_backend import TorchBackend
 from engines.cli import main
 from engines.orchestrator import Runtime
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models import load_model
 from exporter.models.llava import Llava, _keep_file_lm_head
 from helpers import random_image, recompute_logits, splice

@@ -6,8 +6,8 @@ import torch
 from engines.backends.torch_backend import TorchBackend
 from engines.orchestrator import Runtime
 from engines.policy import GenerationConfig
-from exporter.dyvte.router import router_features, text_feature_weights
-from exporter.errors import DyVTEError
+from engines.core.dyvte import router_features, text_feature_weights
+from engines.core.errors import DyVTEError
 from exporter.models.vila import Vila
 from helpers import random_image, recompute_logits, routers_with_exits, splice
 
@@ -116,7 +116,7 @@ def test_generation_stops_at_eos(model, runtime):
     first = runtime.generate([prompt], "none", GenerationConfig(max_new_tokens=4))[0].generated_ids
     from dataclasses import replace
 
-    from exporter.models.processor import Processor
+    from engines.core.prompt import Processor
 
     spec = replace(model.processor.spec, stop_token_ids=[first[2]])
     stopping = Runtime(TorchBackend(model), Processor(model.processor.tokenizer, model.processor.image_processor, spec))

@@ -11,7 +11,8 @@ from engines.policy import GenerationConfig
 from exporter.data import VQASample
 from exporter.data.jsonl import read_jsonl
 from exporter.data.synthetic import synthetic_split
-from exporter.dyvte.router import EXIT, KEEP, Routers, load_routers, save_routers
+from engines.core.dyvte import EXIT, KEEP
+from exporter.dyvte.router import Routers, load_routers, save_routers
 from exporter.dyvte.train import (
     LayerExamples,
     PreparedData,
@@ -24,7 +25,7 @@ from exporter.dyvte.train import (
     run_removed_branch,
     train_routers,
 )
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models.vila import Vila
 from helpers import random_image
 
@@ -97,7 +98,7 @@ def test_removed_branch_is_the_runtime_exit_and_features_are_the_runtime_router_
     with torch.no_grad():
         for k in range(L - 1):
             empty = model.decoder.empty_cache(3, hidden.dtype, hidden.device)
-            h_k, _ = model.decoder.run_layers(0, k + 1, hidden, batch.position_ids, batch.key_mask,
+            h_k, _ = model.decoder.run_layers(0, k + 1, hidden, batch.layout.position_ids, batch.layout.key_mask,
                                               [(empty, empty)] * (k + 1))
             final, rows, _ = run_removed_branch(model, batch, h_k, k)
             first = [final[rows == b][0] for b in range(3)]

@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from exporter.dyvte.router import Routers, load_routers, save_routers
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 
 def test_save_writes_published_keys_and_load_round_trips(tmp_path):

@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from export import main as export_main
 from helpers import random_image
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models import load_model
-from exporter.package import export_onnx, load_manifest
+from exporter.package import export_onnx
+from helpers import load_manifest
 from exporter.streaming import SOURCE, is_streamed, stream_weights
 
 

@@ -20,7 +20,7 @@ from exporter.data.synthetic import (
     synthetic_sample,
     synthetic_split,
 )
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models.tokenizer import build_word_tokenizer
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from engines.backends import tensorrt_backend as backend_module
 from engines.backends import tensorrt_build as tb
 from engines.backends.tensorrt_backend import TensorRTBackend, bind_axes, resolve_shape, select_build
 from engines.cli import main as engines_main
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
+from engines.core.manifest import EngineBuild, EngineEntry, Manifest, TensorRTSection
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.3.0.26"}
@@ -27,32 +29,28 @@ A100 = {"gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "tensorrt":
 
 @pytest.fixture(scope="module")
 def manifest():
-    """The manifest of the tiny VILA's package (every layer a possible exit), without exporting."""
+    """The (typed) manifest of the tiny VILA's package (every layer a possible exit), without exporting."""
+    from engines.core.precision import get_precision
     from exporter.graphs import graph_specs
     from exporter.models.vila import Vila
-    from exporter.package import _image_shape, _manifest
+    from exporter.package import _entry, _image_shape, _manifest
     from exporter.plan import SplitPlan
 
     model = Vila().preset(seed=11)
     plan = SplitPlan.full(model.shape.num_layers)
-    graphs = [{"name": s.name, "role": s.role, "file": f"graphs/{s.name}.onnx",
-               "layers": list(s.layers) if s.layers else None,
-               "inputs": [t.to_dict("float32") for t in s.inputs],
-               "outputs": [t.to_dict("float32") for t in s.outputs]}
-              for s in graph_specs(model, plan.segments, _image_shape(model))]
-    return _manifest(model, "fp32", plan, graphs, time.perf_counter())
+    entries = [_entry(spec, "float32", 0.0) for spec in graph_specs(model, plan.segments, _image_shape(model))]
+    return _manifest(model, get_precision("fp32"), plan, entries, time.perf_counter())
 
 
 def graph(manifest, role):
-    return next(g for g in manifest["graphs"] if g["role"] == role)
+    return manifest.by_role(role)[0]  # decoder: the first segment
 
 
 # ---------------------------------------------------------------- profiles
 
 
 def test_decoder_engine_has_pre_exit_post_exit_and_decode_profiles(manifest):
-    architecture = manifest["architecture"]
-    assert architecture["visual_tokens_per_tile"] == 25 and architecture["max_positions"] == 512
+    assert manifest.architecture.visual_tokens_per_tile == 25 and manifest.shape.max_positions == 512
     limits = tb.limits_for(manifest, max_batch=4, max_text=100, max_tiles=1)
     pre, post, decode = tb.graph_profiles(graph(manifest, "decoder"), limits)
     assert (pre.name, post.name, decode.name) == tb.PROFILE_NAMES
@@ -62,24 +60,24 @@ def test_decoder_engine_has_pre_exit_post_exit_and_decode_profiles(manifest):
     for profile in (pre, post, decode):  # TensorRT evaluates min, opt and max: each must be a real shape
         for k in range(3):
             assert profile.axes["total_seq"][k] == profile.axes["past_seq"][k] + profile.axes["seq"][k]
-    shapes = decode.input_shapes(graph(manifest, "decoder")["inputs"])
+    shapes = decode.input_shapes(graph(manifest, "decoder").inputs)
     assert shapes["hidden_states"] == ((1, 1, 64), (1, 1, 64), (4, 1, 64))
     assert shapes["attention_mask"] == ((1, 2), (1, 90), (4, 512))
     assert shapes["past.0.key"] == ((1, 2, 1, 16), (1, 2, 89, 16), (4, 2, 511, 16))
-    assert pre.input_shapes(graph(manifest, "decoder")["inputs"])["past.0.value"][2] == (4, 2, 0, 16)
+    assert pre.input_shapes(graph(manifest, "decoder").inputs)["past.0.value"][2] == (4, 2, 0, 16)
 
 
 def test_profiles_of_vision_embed_hypernet_and_head(manifest):
     limits = tb.limits_for(manifest, max_batch=4, max_text=100, max_tiles=3)
     (vision,) = tb.graph_profiles(graph(manifest, "vision"), limits)
     assert vision.axes == {"tiles": (1, 3, 12)}
-    assert vision.input_shapes(graph(manifest, "vision")["inputs"]) == {
+    assert vision.input_shapes(graph(manifest, "vision").inputs) == {
         "pixel_values": ((1, 3, 54, 54), (3, 3, 54, 54), (12, 3, 54, 54))}
     (embed,) = tb.graph_profiles(graph(manifest, "embed"), limits)
     assert embed.axes == {"batch": (1, 1, 4), "seq": (1, 1, 175)}  # 3 tiles x 25 + 100 text
     (hyper,) = tb.graph_profiles(graph(manifest, "hypernet"), limits)
     assert hyper.axes == {"batch": (1, 1, 4), "seq": (1, 89, 175)}
-    assert "layer" not in hyper.input_shapes(graph(manifest, "hypernet")["inputs"])  # static [1]
+    assert "layer" not in hyper.input_shapes(graph(manifest, "hypernet").inputs)  # static [1]
     (head,) = tb.graph_profiles(graph(manifest, "lm_head"), limits)
     assert head.axes == {"batch": (1, 1, 4), "seq": (1, 1, 175)}
     pre, post, _ = tb.graph_profiles(graph(manifest, "decoder"), limits)
@@ -122,55 +120,69 @@ def test_max_tiles_from_the_package_image_processor(tmp_path):
 # ---------------------------------------------------------------- choosing a profile
 
 
-def test_segment_mode_is_read_from_shapes():
-    assert tb.segment_mode({"seq": 120, "past_seq": 0}, max_text=100) == "pre_exit"
-    assert tb.segment_mode({"seq": 40, "past_seq": 0}, max_text=100) == "post_exit"
-    assert tb.segment_mode({"seq": 1, "past_seq": 0}, max_text=100) == "post_exit"
-    assert tb.segment_mode({"seq": 1, "past_seq": 30}, max_text=100) == "decode"
-    assert tb.segment_mode({"seq": 5, "past_seq": 30}, max_text=100) is None  # chunked prefill: not built
-
-
 def sizes(batch, seq, past):
     return {"batch": batch, "seq": seq, "past_seq": past, "total_seq": seq + past}
+
+
+def test_the_orchestrators_phase_chooses_the_decoder_profile(manifest):
+    """The orchestrator names the phase (engines.backends.base.PHASES); the backend passes it on
+    as the preferred profile instead of guessing the phase from the shapes."""
+    from engines.backends.base import PHASES
+
+    assert tuple(PHASES) == tb.PROFILE_NAMES
+    limits = tb.limits_for(manifest, max_batch=4, max_text=100, max_tiles=1)
+    profiles = tb.graph_profiles(graph(manifest, "decoder"), limits)
+
+    def choose(s, phase):
+        return tb.choose_profile("decoder.00-00", profiles, s, preferred=phase)
+
+    assert choose(sizes(1, 120, 0), "pre_exit") == 0  # image + text prefill, before the exit
+    assert choose(sizes(1, 40, 0), "post_exit") == 1  # text only, after the exit
+    assert choose(sizes(1, 1, 0), "post_exit") == 1  # one text token after the exit
+    assert choose(sizes(1, 1, 30), "decode") == 2  # one token on a cache
+    assert choose(sizes(1, 40, 0), "pre_exit") == 0  # a shape both prefill profiles take: the phase decides
+    for phase in (*PHASES, None):  # chunked prefill (several tokens on a cache): no profile was built for it
+        with pytest.raises(DyVTEError, match=r"longer, or the batch larger.*rebuild them with larger limits"):
+            choose(sizes(1, 5, 30), phase)
 
 
 def test_choose_profile_by_mode_and_refuse_what_was_not_built(manifest):
     limits = tb.limits_for(manifest, max_batch=4, max_text=100, max_tiles=1)
     profiles = tb.graph_profiles(graph(manifest, "decoder"), limits)
 
-    def choose(s, preferred="auto"):
-        preferred = tb.segment_mode(s, limits.max_text) if preferred == "auto" else preferred
+    def choose(s, preferred):
         return tb.choose_profile("decoder.00-00", profiles, s, preferred)
 
-    assert choose(sizes(2, 120, 0)) == 0  # image + text, before the exit
-    assert choose(sizes(2, 40, 0)) == 1  # text only, after the exit
-    assert choose(sizes(4, 1, 300)) == 2  # decode
-    assert choose(sizes(1, 1, 511)) == 2
+    assert choose(sizes(2, 120, 0), "pre_exit") == 0  # image + text, before the exit
+    assert choose(sizes(2, 40, 0), "post_exit") == 1  # text only, after the exit
+    assert choose(sizes(4, 1, 300), "decode") == 2  # decode
+    assert choose(sizes(1, 1, 511), "decode") == 2
     assert choose(sizes(1, 20, 0), preferred="pre_exit") == 1  # not in the preferred one: the one that takes it
-    for bad in (sizes(1, 126, 0), sizes(5, 40, 0), sizes(1, 1, 512), sizes(1, 5, 30)):
+    for bad, phase in ((sizes(1, 126, 0), "pre_exit"), (sizes(5, 40, 0), "post_exit"), (sizes(1, 1, 512), "decode"),
+                       (sizes(1, 5, 30), "decode")):
         with pytest.raises(DyVTEError, match=r"longer, or the batch larger.*rebuild them with larger limits"):
-            choose(bad)
+            choose(bad, phase)
     with pytest.raises(DyVTEError, match=r"pre_exit: batch 1\.\.4, seq 26\.\.125, past_seq 0"):
-        choose(sizes(1, 126, 0))
+        choose(sizes(1, 126, 0), "pre_exit")
 
 
 def test_axes_bound_from_inputs_and_output_shapes_resolved(manifest):
     g = graph(manifest, "decoder")
     shapes = {"hidden_states": (2, 7, 64), "position_ids": (2, 7), "attention_mask": (2, 10),
               "past.0.key": (2, 2, 3, 16), "past.0.value": (2, 2, 3, 16)}
-    bound = bind_axes(g["inputs"], shapes)
+    bound = bind_axes(g.inputs, shapes)
     assert bound == {"batch": 2, "seq": 7, "total_seq": 10, "past_seq": 3}
-    assert [resolve_shape(o["shape"], bound) for o in g["outputs"]] == [(2, 7, 64), (2, 2, 10, 16), (2, 2, 10, 16)]
+    assert [resolve_shape(o.shape, bound) for o in g.outputs] == [(2, 7, 64), (2, 2, 10, 16), (2, 2, 10, 16)]
     with pytest.raises(DyVTEError, match="axis batch is 2 in one input and 3"):
-        bind_axes(g["inputs"], {**shapes, "attention_mask": (3, 10)})
+        bind_axes(g.inputs, {**shapes, "attention_mask": (3, 10)})
     with pytest.raises(DyVTEError, match="expected"):
-        bind_axes(g["inputs"], {**shapes, "hidden_states": (2, 7, 65)})
+        bind_axes(g.inputs, {**shapes, "hidden_states": (2, 7, 65)})
     with pytest.raises(DyVTEError, match="missing input past.0.value"):
-        bind_axes(g["inputs"], {k: v for k, v in shapes.items() if k != "past.0.value"})
+        bind_axes(g.inputs, {k: v for k, v in shapes.items() if k != "past.0.value"})
     vision = graph(manifest, "vision")
     with pytest.raises(DyVTEError, match="visual_tokens"):
-        resolve_shape(vision["outputs"][0]["shape"], {"tiles": 2})
-    assert resolve_shape(vision["outputs"][0]["shape"], {"tiles": 2, "visual_tokens": 25}) == (2, 25, 64)
+        resolve_shape(vision.outputs[0].shape, {"tiles": 2})
+    assert resolve_shape(vision.outputs[0].shape, {"tiles": 2, "visual_tokens": 25}) == (2, 25, 64)
 
 
 # ---------------------------------------------------------------- engine cache keys
@@ -184,12 +196,16 @@ def test_engine_key_names_gpu_capability_tensorrt_and_precision():
     assert tb.engine_key({**H100, "tensorrt": "10.8.0.43"}, "fp16") != key
 
 
-def with_builds(manifest, *builds):
-    m = json.loads(json.dumps(manifest))
-    m["tensorrt"] = {"status": "built", "engines": [],
-                     "builds": {tb.engine_key(identity, precision): {**identity, "precision": precision}
-                                for identity, precision in builds}}
-    return m
+def build_of(manifest, identity, precision, **fields) -> EngineBuild:
+    limits = tb.limits_for(manifest, max_batch=4, max_text=100, max_tiles=1)
+    return EngineBuild(**identity, precision=precision, limits=limits, **fields)
+
+
+def with_builds(manifest, *builds) -> Manifest:
+    """A copy of `manifest` whose TensorRT section holds these (identity, precision) builds."""
+    section = TensorRTSection({tb.engine_key(identity, precision): build_of(manifest, identity, precision)
+                               for identity, precision in builds}, [], "built")
+    return replace(manifest, tensorrt=section)
 
 
 def test_engines_of_this_machine_are_selected(manifest):
@@ -228,49 +244,50 @@ def test_backend_refuses_foreign_engines_before_touching_the_gpu(manifest, monke
 # ---------------------------------------------------------------- manifest
 
 
-def make_package(folder: Path) -> dict:
-    from exporter.package import FORMAT, FORMAT_VERSION, _write_manifest, load_manifest
+def make_package(folder: Path, manifest: Manifest) -> Manifest:
+    """A package folder holding the fixture's manifest and a small dummy file for every file it
+    names (the graphs and the weights), saved and loaded back with every checksum verified."""
+    m = Manifest.from_dict(manifest.to_dict())  # a copy: record_engines updates it in place
+    for rel in [g.file for g in m.graphs] + [m.weights.file]:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(f"dummy {rel}".encode())
+    m.save(folder)
+    return Manifest.load(folder, verify=True)
 
-    (folder / "graphs").mkdir(parents=True)
-    (folder / "graphs" / "a.onnx").write_bytes(b"graph a")
-    _write_manifest(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": "fp32",
-                             "tensorrt": {"engines": [], "status": "not built"}})
-    return load_manifest(folder)
 
+def fake_build(package: Path, key: str, content: bytes) -> list[EngineEntry]:
+    from engines.core.manifest import sha256_file
 
-def fake_build(package: Path, key: str, content: bytes) -> list[dict]:
-    from exporter.package import sha256_file
-
-    path = package / "engines" / key / "a.plan"
+    path = package / "engines" / key / "embed.plan"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
-    return [{"key": key, "graph": "a", "file": f"engines/{key}/a.plan", "sha256": sha256_file(path),
-             "bytes": path.stat().st_size, "profiles": []}]
+    return [EngineEntry(key=key, graph="embed", file=f"engines/{key}/embed.plan", sha256=sha256_file(path),
+                        bytes=path.stat().st_size, profiles=[])]
 
 
-def test_builds_are_recorded_with_checksums_and_other_builds_kept(tmp_path):
-    from exporter.package import load_manifest
-
+def test_builds_are_recorded_with_checksums_and_other_builds_kept(manifest, tmp_path):
     package = tmp_path / "pkg"
-    manifest = make_package(package)
+    m = make_package(package, manifest)
     k1, k2 = tb.engine_key(H100, "fp32"), tb.engine_key(A100, "fp32")
-    tb.record_engines(package, manifest, k1, {**H100, "precision": "fp32"}, fake_build(package, k1, b"one"))
-    m = load_manifest(package, verify=True)
-    assert m["tensorrt"]["status"] == f"built for {k1}" and list(m["tensorrt"]["builds"]) == [k1]
-    assert f"engines/{k1}/a.plan" in m["files"] and "graphs/a.onnx" in m["files"]
+    on_h100, on_a100 = build_of(manifest, H100, "fp32"), build_of(manifest, A100, "fp32")
+    tb.record_engines(package, m, k1, on_h100, fake_build(package, k1, b"one"))
+    m = Manifest.load(package, verify=True)
+    assert m.tensorrt.status == f"built for {k1}" and list(m.tensorrt.builds) == [k1]
+    assert m.tensorrt.builds[k1] == on_h100
+    assert f"engines/{k1}/embed.plan" in m.files and "graphs/embed.onnx" in m.files
     (package / "report").mkdir()
     (package / "report" / "parity.json").write_text("{}")  # rewritten by every validation: never checksummed
-    tb.record_engines(package, m, k2, {**A100, "precision": "fp32"}, fake_build(package, k2, b"two"))
-    m = load_manifest(package, verify=True)
-    assert set(m["tensorrt"]["builds"]) == {k1, k2} and len(m["tensorrt"]["engines"]) == 2
-    assert not any(rel.startswith("report/") for rel in m["files"])
-    tb.record_engines(package, m, k1, {**H100, "precision": "fp32"}, fake_build(package, k1, b"one, rebuilt"))
-    m = load_manifest(package, verify=True)
-    assert [e["key"] for e in m["tensorrt"]["engines"]] == [k2, k1]
+    tb.record_engines(package, m, k2, on_a100, fake_build(package, k2, b"two"))
+    m = Manifest.load(package, verify=True)
+    assert set(m.tensorrt.builds) == {k1, k2} and len(m.tensorrt.engines) == 2
+    assert not any(rel.startswith("report/") for rel in m.files)
+    tb.record_engines(package, m, k1, on_h100, fake_build(package, k1, b"one, rebuilt"))
+    m = Manifest.load(package, verify=True)
+    assert [e.key for e in m.tensorrt.engines] == [k2, k1]
     shutil.rmtree(package / "engines" / k2)  # a build deleted by hand disappears from the manifest
-    tb.record_engines(package, m, k1, {**H100, "precision": "fp32"}, fake_build(package, k1, b"one again"))
-    m = load_manifest(package, verify=True)
-    assert list(m["tensorrt"]["builds"]) == [k1] and not any(k2 in rel for rel in m["files"])
+    tb.record_engines(package, m, k1, on_h100, fake_build(package, k1, b"one again"))
+    m = Manifest.load(package, verify=True)
+    assert list(m.tensorrt.builds) == [k1] and not any(k2 in rel for rel in m.files)
 
 
 # ---------------------------------------------------------------- typing
@@ -340,7 +357,7 @@ def test_acceptance_script_skips_without_gpu(tmp_path):
     assert "skipped" in (tmp_path / "acc.txt").read_text()
 
 
-def test_acceptance_summary_reads_parity_reports_and_engine_builds():
+def test_acceptance_summary_reads_parity_reports_and_engine_builds(manifest):
     from validation.gpu_acceptance import engine_figures, parity_figures, summary_text
 
     report = {"passed": False, "samples": 2, "precision": "fp16", "reference": {"exit_layers": [3, None]},
@@ -353,13 +370,18 @@ def test_acceptance_summary_reads_parity_reports_and_engine_builds():
               "speed": {"exit_layer": 3, "visual_tokens": 576, "text_tokens": 40,
                         "tensorrt": {"prefill_ms_none": 20.0, "prefill_ms_exit": 8.0, "prefill_speedup": 2.5,
                                      "decode_ms_per_token_none": 9.0, "decode_ms_per_token_exit": 7.5}}}
-    manifest = {"tensorrt": {"builds": {"K": {"seconds": 300, "limits": {}, "typing": "strong"}},
-                             "engines": [{"key": "K", "graph": "embed", "bytes": 2**30, "seconds": 4},
-                                         {"key": "K", "graph": "decoder.00-00", "bytes": 2**29, "seconds": 9}]}}
+    build = build_of(manifest, H100, "fp32", typing="strong", seconds=300)
+    engines = [EngineEntry("K", "embed", "engines/K/embed.plan", "0" * 64, 2**30, [], seconds=4),
+               EngineEntry("K", "decoder.00-00", "engines/K/decoder.00-00.plan", "0" * 64, 2**29, [], seconds=9,
+                           device_memory={"pre_exit": 4096, "post_exit": 8192, "decode": 12288})]
+    built = replace(manifest, tensorrt=TensorRTSection({"K": build}, engines, "built for K"))
     parity = parity_figures(report)
     assert "stages" not in parity["backends"]["tensorrt"] and parity["backends"]["tensorrt"]["near_ties"] == 1
-    builds = engine_figures(manifest)
+    builds = engine_figures(built)
     assert builds["K"]["engines"] == 2 and builds["K"]["gib"] == 1.5 and builds["K"]["slowest"] == ("decoder.00-00", 9)
+    assert builds["K"]["limits"] == build.limits.to_dict() and builds["K"]["seconds"] == 300
+    assert builds["K"]["device_memory"] == {"embed": {}, "decoder.00-00": {"pre_exit": 4096, "post_exit": 8192,
+                                                                           "decode": 12288}}
     text = summary_text({"status": "failed", "environment": {"gpu": "NVIDIA H100"}, "steps": {"llava-7b": {
         "status": "failed", "wall_seconds": 612, "tensorrt_builds": builds, "parity": parity}}})
     assert "[llava-7b] failed in 612 s" in text
@@ -382,6 +404,7 @@ class FakeTensorRT(types.ModuleType):
         super().__init__("tensorrt")
         self.__version__ = version
         self.built = []  # (graph file, profiles as set, flags) of every build
+        self.ran = []  # (graph name, profile index) of every execution
         ns = types.SimpleNamespace
         self.DataType = ns(FLOAT="float32", HALF="float16", INT64="int64", INT32="int32", BOOL="bool")
         self.BuilderFlag = ns(FP16="FP16", TF32="TF32")
@@ -499,6 +522,7 @@ class FakeTensorRT(types.ModuleType):
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = 1
                 self.session = ort.InferenceSession(plan["path"], options, providers=["CPUExecutionProvider"])
+                self.graph = Path(plan["path"]).stem
                 self.profiles = plan["profiles"]
                 self.io = {v.name: (v, "in") for v in self.session.get_inputs()}
                 self.io.update({v.name: (v, "out") for v in self.session.get_outputs()})
@@ -563,6 +587,7 @@ class FakeTensorRT(types.ModuleType):
 
             def execute_async_v3(self, stream):
                 assert self.memory, "no scratch memory set"
+                trt.ran.append((self.engine.graph, self.profile))
                 for name, value in self._compute().items():
                     _read(self.addresses[name], value.shape, value.dtype)[...] = value
                 return True
@@ -616,23 +641,26 @@ def fake_tensorrt(monkeypatch):
     return fake
 
 
-def test_build_and_run_through_a_fake_tensorrt_equal_onnxruntime(fake_tensorrt, vila_package, tmp_path):
-    """Build -> manifest -> backend -> orchestrator on the CPU: engines hold the ONNX graphs and
-    "run" them with ONNX Runtime, so every token must equal the ONNX Runtime backend's, and every
-    call must land in a profile that takes its shapes."""
+def test_build_manifest_backend_and_orchestrator_plumbing_through_a_fake_tensorrt(fake_tensorrt, vila_package,
+                                                                                   tmp_path):
+    """Build -> manifest -> backend -> orchestrator on the CPU, plumbing only: the fake's engines
+    hold the ONNX graphs and run them with ONNX Runtime, so equal tokens say nothing about
+    TensorRT's numerics (the GPU tests check those). They show that the build is recorded, the
+    backend binds every input and output in place, each call lands in a profile that takes its
+    shapes, and each decoder call runs in the profile of the orchestrator's phase."""
     from conftest import TARGET_EXITS, sample_prompts
     from engines.load import open_package
     from engines.policy import GenerationConfig
-    from exporter.package import load_manifest
 
     package = Path(shutil.copytree(vila_package, tmp_path / "vila"))
     entries = tb.build_engines(package, max_batch=6, max_text=100, progress=False)
-    manifest = load_manifest(package, verify=True)
+    manifest = Manifest.load(package, verify=True)
     key = tb.engine_key(H100, "fp32")
-    assert manifest["tensorrt"]["builds"][key]["limits"] == {
+    assert manifest.tensorrt.builds[key].limits.to_dict() == {
         "max_batch": 6, "max_text": 100, "max_tiles": 1, "visual_tokens": 25, "context": 512}
-    assert [e["file"] for e in entries] == [f"engines/{key}/{g['name']}.plan" for g in manifest["graphs"]
-                                           if g["role"] != "decode"]  # the fused decode graph is ORT's
+    assert [e.to_dict() for e in manifest.tensorrt.engines_of(key)] == [e.to_dict() for e in entries]
+    assert [e.file for e in entries] == [f"engines/{key}/{g.name}.plan" for g in manifest.graphs
+                                         if g.role != "decode"]  # the fused decode graph is ORT's
     built = {Path(path).stem: (profiles, flags, features, cache) for path, profiles, flags, features, cache
              in fake_tensorrt.built}
     profiles, flags, features, _ = built["decoder.01-01"]
@@ -656,6 +684,14 @@ def test_build_and_run_through_a_fake_tensorrt_equal_onnxruntime(fake_tensorrt, 
                 torch.testing.assert_close(torch.stack(b.step_logits), torch.stack(a.step_logits), rtol=0, atol=1e-5)
         if policy == "dynamic":
             assert [r.exit_layer for r in expected] == TARGET_EXITS
+    fake_tensorrt.ran.clear()  # exit after layer 1: segments 0-1 run before the exit, 2-3 after it
+    trt_runtime.generate(prompts, "layer:1", GenerationConfig(max_new_tokens=2))
+    phases: dict[str, set] = {}
+    for name, index in fake_tensorrt.ran:
+        if name.startswith("decoder."):
+            phases.setdefault(name, set()).add(tb.PROFILE_NAMES[index])
+    assert phases == {"decoder.00-00": {"pre_exit", "decode"}, "decoder.01-01": {"pre_exit", "decode"},
+                      "decoder.02-02": {"post_exit", "decode"}, "decoder.03-03": {"post_exit", "decode"}}
     from helpers import random_image
 
     long = trt_runtime.prepare("what color is the circle " * 40, random_image(1))
@@ -702,17 +738,16 @@ def trt_pair(trt_vila, request):
 
 @pytest.mark.gpu
 def test_engines_are_recorded_for_this_gpu(trt_vila):
-    from exporter.package import load_manifest
-
     package, entries = trt_vila
-    manifest = load_manifest(package, verify=True)
+    manifest = Manifest.load(package, verify=True)
     key = tb.engine_key(tb.machine_identity(), "fp32")
-    assert list(manifest["tensorrt"]["builds"]) == [key]
-    assert {e["graph"] for e in entries} == {g["name"] for g in manifest["graphs"]}
+    assert list(manifest.tensorrt.builds) == [key]
+    # every graph but the fused decode graph, which the builder skips on purpose (tb.SKIPPED_ROLES)
+    assert {e.graph for e in entries} == {g.name for g in manifest.graphs if g.role != "decode"}
     for e in entries:
-        assert (package / e["file"]).is_file() and manifest["files"][e["file"]]["sha256"] == e["sha256"]
-        role = next(g["role"] for g in manifest["graphs"] if g["name"] == e["graph"])
-        names = [p["name"] for p in e["profiles"]]
+        assert (package / e.file).is_file() and manifest.files[e.file].sha256 == e.sha256
+        role = manifest.graph(e.graph).role
+        names = [p.name for p in e.profiles]
         if role == "decoder":
             assert names == list(tb.PROFILE_NAMES)
         else:
@@ -755,8 +790,6 @@ def test_prompt_longer_than_the_engines_is_refused(trt_pair):
 
 @pytest.mark.gpu
 def test_engines_of_another_gpu_are_refused_on_a_gpu(trt_vila):
-    from exporter.package import load_manifest
-
     package, _ = trt_vila
     with pytest.raises(DyVTEError, match="engines were built for .*this machine is NVIDIA A100"):
-        TensorRTBackend(package, load_manifest(package), identity=A100)
+        TensorRTBackend(package, Manifest.load(package), identity=A100)

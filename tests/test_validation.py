@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter.package import _write_manifest, load_manifest
+from engines.core.manifest import Manifest
 from validation.parity import DEFAULT_THRESHOLDS, RunnerOutput, compare, validate_package
 
 
@@ -25,7 +25,7 @@ def perturb_segment(package: Path, graph: str, scale: float = 1.01) -> str:
     values = np.frombuffer(bytes(data[offset:offset + length]), dtype=np.float32) * scale
     data[offset:offset + length] = values.astype(np.float32).tobytes()
     weights.write_bytes(bytes(data))
-    _write_manifest(package, load_manifest(package, verify=False))
+    Manifest.load(package, verify=False).save(package)
     return tensor.name
 
 

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from engines.backends.torch_backend import TorchBackend
 from engines.orchestrator import Runtime
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models.vila import SquareMerge, Vila, VilaProjector
 from helpers import random_image, splice
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exporter.errors import run_cli
+from engines.core.errors import run_cli
 
 
 COMMANDS = {

@@ -11,44 +11,22 @@ policy's count includes the routers it asked).
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 from exporter.data import VQASample
-from exporter.dyvte.flops import FlopsShape, prefill_flops
-from exporter.errors import DyVTEError
+from exporter.data.answers import normalise, prepare_prompts, run_policy
+from exporter.dyvte.flops import prefill_flops
+from engines.core.errors import DyVTEError
 
 FULL_ACCURACY_MIN = 0.90
 DYNAMIC_TOLERANCE = 0.02
 
 
-def normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def prepare_prompts(model, samples: list[VQASample]):
-    return [model.processor.build(s.question, s.load_image()) for s in samples]
-
-
-def run_policy(model, prompts, policy: str, batch_size: int = 64, max_new_tokens: int = 4):
-    """Greedy answers of the reference runtime under one exit policy."""
-    from engines.backends.torch_backend import TorchBackend
-    from engines.orchestrator import Runtime
-    from engines.policy import GenerationConfig
-
-    runtime = Runtime(TorchBackend(model), model.processor)
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        out += runtime.generate(prompts[start:start + batch_size], policy, config)
-    return out
-
-
 def policy_stats(model, samples, prompts, results, router_inner: int = 0) -> dict:
     L = model.shape.num_layers
-    shape = FlopsShape.of(model)
+    shape = model.shape
     right, flops, full, exits = [], 0, 0, []
     by_kind: dict[str, list[bool]] = {}
     for s, p, r in zip(samples, prompts, results):

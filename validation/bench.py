@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.core.precision import get_precision
 from engines.policy import GenerationConfig
 
 TEXT_TOKENS = 56
@@ -156,14 +157,14 @@ class MonolithicBaseline:
 def _export(model, folder: Path, precision: str):
     from exporter.graphs import monolithic_spec
     from exporter.onnx_export import WeightStore, export_graph, save_graph
-    from exporter.package import DTYPES, export_onnx
+    from exporter.package import export_onnx
 
     package = export_onnx(model, folder / "dyvte", precision, progress=True)
     mono = folder / "monolithic"
     mono.mkdir(exist_ok=True)
     store = WeightStore(mono / "weights.bin")
     print("export monolithic baseline graph ...", file=sys.stderr)
-    save_graph(export_graph(monolithic_spec(model), DTYPES[precision], store), mono / "monolithic.onnx", store)
+    save_graph(export_graph(monolithic_spec(model), get_precision(precision).dtype, store), mono / "monolithic.onnx", store)
     store.close()
     return package, mono / "monolithic.onnx"
 
@@ -173,7 +174,7 @@ def run_bench(preset: str = "bench", exit_layer: int = 3, repeats: int = 5, deco
     from engines.backends.torch_backend import TorchBackend
     from engines.load import open_package
     from engines.orchestrator import Runtime
-    from exporter.dyvte.flops import FlopsShape, flops_ratio
+    from exporter.dyvte.flops import flops_ratio
     from exporter.models.llava import Llava
 
     torch.manual_seed(0)
@@ -226,10 +227,10 @@ def run_bench(preset: str = "bench", exit_layer: int = 3, repeats: int = 5, deco
     r["mono_same_options_decode_ms_per_token"] = 1e3 * decode["mono_same_options_decode_s"] / n
     r["ort_decode_none_ms_per_token"] = decode["ort_decode_none_ms_per_token"]
     r["ort_decode_exit_ms_per_token"] = decode["ort_decode_exit_ms_per_token"]
-    shape = FlopsShape.of(model)
+    shape = model.shape
     analytic = 1 / flops_ratio(shape, num_text, num_visual, k)
     s = model.shape
-    kv_per_token = 2 * s.num_kv_heads * s.head_dim * (2 if precision == "fp16" else 4)
+    kv_per_token = s.kv_bytes_per_token(get_precision(precision).element_bytes)
     r.update({
         "machine": _machine(),
         "shape": {"layers": s.num_layers, "hidden": s.hidden_size, "visual_tokens": num_visual,

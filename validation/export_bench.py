@@ -100,24 +100,25 @@ def export_random(shape: str = "llava-7b", output: str | Path = "exports/llava-7
     model = skeleton(shape, precision, seed)
     plan = SplitPlan.parse(exit_window, model.shape.num_layers)
     source = {"family": SHAPES[shape][0], "random_shape": shape, "seed": seed}
-    return export_onnx(model, output, precision, plan, materialize=random_weights(seed),
-                       extra_manifest={"source": source})
+    return export_onnx(model, output, precision, plan, materialize=random_weights(seed), source=source)
 
 
 def run(args) -> int:
+    from engines.core.manifest import Manifest
+
     start = time.perf_counter()
     package = export_random(args.shape, args.output, args.precision, args.exit_window)
-    manifest = json.loads((Path(package) / "manifest.json").read_text())
-    size = sum(f["bytes"] for f in manifest["files"].values())
+    manifest = Manifest.load(package, verify=False)
+    size = manifest.package_bytes
     figures = {
         "shape": args.shape,
         "precision": args.precision,
         "package": str(package),
-        "peak_rss_gib": manifest["export"]["peak_rss_mb"] / 1024,
-        "export_seconds": manifest["export"]["seconds"],
+        "peak_rss_gib": manifest.export.peak_rss_mb / 1024,
+        "export_seconds": manifest.export.seconds,
         "wall_seconds": time.perf_counter() - start,
         "package_gib": size / 2**30,
-        "weights_gib": manifest["weights"]["parameter_bytes"] / 2**30,
+        "weights_gib": manifest.weights.parameter_bytes / 2**30,
     }
     print(f"exported {args.shape} ({args.precision}) to {package}\n"
           f"  peak RSS {figures['peak_rss_gib']:.2f} GiB, export {figures['export_seconds']:.0f} s, "

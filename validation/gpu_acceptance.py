@@ -126,14 +126,15 @@ def parity_figures(report: dict) -> dict:
     return out
 
 
-def engine_figures(manifest: dict) -> dict:
-    slot = manifest.get("tensorrt") or {}
+def engine_figures(manifest) -> dict:
+    slot = manifest.tensorrt
     out = {}
-    for key, build in (slot.get("builds") or {}).items():
-        engines = [e for e in slot.get("engines") or [] if e["key"] == key]
-        out[key] = {"seconds": build.get("seconds"), "limits": build.get("limits"), "typing": build.get("typing"),
-                    "engines": len(engines), "gib": round(sum(e["bytes"] for e in engines) / 2**30, 3),
-                    "slowest": max(((e["graph"], e["seconds"]) for e in engines), key=lambda x: x[1], default=None)}
+    for key, build in slot.builds.items():
+        engines = slot.engines_of(key)
+        out[key] = {"seconds": build.seconds, "limits": build.limits.to_dict(), "typing": build.typing,
+                    "engines": len(engines), "gib": round(sum(e.bytes for e in engines) / 2**30, 3),
+                    "device_memory": {e.graph: e.device_memory for e in engines},
+                    "slowest": max(((e.graph, e.seconds) for e in engines), key=lambda x: x[1], default=None)}
     return out
 
 
@@ -174,8 +175,10 @@ def step_vila(args, work: Path) -> dict:
     if returncode not in (0, 1) or not report_path.is_file():
         result["error"] = f"export.py exited {returncode} without a parity report"
         return result
-    manifest = json.loads((package / "manifest.json").read_text())
-    result["export_seconds"] = (manifest.get("export") or {}).get("seconds")
+    from engines.core.manifest import Manifest
+
+    manifest = Manifest.load(package, verify=False)
+    result["export_seconds"] = manifest.export.seconds
     result["tensorrt_builds"] = engine_figures(manifest)
     result["parity"] = parity_figures(json.loads(report_path.read_text()))
     return result
@@ -208,7 +211,9 @@ def step_llava(args, work: Path) -> dict:
     build_engines(package, max_batch=args.max_batch, max_text=args.max_text,
                   optimization_level=args.optimization_level)
     result["build_seconds"] = round(time.perf_counter() - t0, 1)
-    manifest = json.loads((package / "manifest.json").read_text())
+    from engines.core.manifest import Manifest
+
+    manifest = Manifest.load(package, verify=False)
     result["tensorrt_builds"] = engine_figures(manifest)
     t0 = time.perf_counter()
     model = reference_model("llava-7b", "fp16", args.reference_device)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engines.policy import GenerationConfig
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 # Per precision; override with a JSON file (`--thresholds`). Errors are measured on float32 copies.
 DEFAULT_THRESHOLDS = {
@@ -182,26 +182,6 @@ def _jsonable(obj):
     return obj
 
 
-def reference_runtime(package: Path, manifest: dict, model=None):
-    """The PyTorch reference with the package's segments (so it may exit where the package can)."""
-    from engines.backends.torch_backend import TorchBackend
-    from engines.orchestrator import Runtime
-    from exporter.models import load_model
-
-    if model is None:
-        src = dict(manifest.get("source") or {})
-        family = src.get("family", manifest["family"])
-        if "preset" in src:
-            from exporter.models import get_family
-
-            model = get_family(family).preset(seed=src.get("seed", 0))
-        else:
-            options = {k: v for k, v in src.items() if k in ("vision_tower", "template") and v}
-            model = load_model(family, src.get("checkpoint"), src.get("routers"), **options)
-    segments = [tuple(s) for s in manifest["split"]["segments"]]
-    return Runtime(TorchBackend(model, segments), model.processor)
-
-
 def measure_speed(runtime, prompt, exit_layer: int | None, repeats: int = 3, decode_tokens: int = 8) -> dict:
     """Prefill and per-token decode latency (medians over `repeats`, after one warm-up) with the
     exit disabled and with the exit after `exit_layer`, on one prompt."""
@@ -223,22 +203,18 @@ def measure_speed(runtime, prompt, exit_layer: int | None, repeats: int = 3, dec
     return out
 
 
-def speed_section(manifest: dict, prompt, runners: dict, exit_layer: int | None, repeats: int) -> dict:
-    from exporter.dyvte.flops import FlopsShape, flops_ratio
+def speed_section(manifest, prompt, runners: dict, exit_layer: int | None, repeats: int) -> dict:
+    from exporter.dyvte.flops import flops_ratio
 
-    a = manifest["architecture"]
+    shape = manifest.shape
     num_visual, num_text = prompt.num_visual, len(prompt.input_ids) - prompt.num_visual
-    element = 2 if manifest["precision"] == "fp16" else 4
-    per_token = 2 * a["num_kv_heads"] * a["head_dim"] * element
-    L = a["num_layers"]
+    per_token = shape.kv_bytes_per_token(manifest.precision.element_bytes)
+    L = shape.num_layers
     section = {"exit_layer": exit_layer, "visual_tokens": num_visual, "text_tokens": num_text,
                "kv_bytes_full": L * (num_visual + num_text) * per_token}
     if exit_layer is not None:
         section["kv_bytes_saved"] = (L - 1 - exit_layer) * num_visual * per_token
-        intermediate = manifest.get("architecture", {}).get("intermediate_size")
-        if intermediate:
-            shape = FlopsShape(L, a["hidden_size"], a["num_heads"], a["num_kv_heads"], a["head_dim"],
-                               intermediate, a["vocab_size"])
+        if shape.intermediate_size:
             section["analytic_speedup"] = 1 / flops_ratio(shape, num_text, num_visual, exit_layer)
     for name, runtime in runners.items():
         section[name] = measure_speed(runtime, prompt, exit_layer, repeats)
@@ -250,17 +226,18 @@ def speed_section(manifest: dict, prompt, runners: dict, exit_layer: int | None,
 def validate_package(package, model=None, images=None, prompts=None, thresholds: dict | None = None,
                      backends=("onnxruntime", "tensorrt"), max_new_tokens: int = 8, progress: bool = True,
                      count: int = 8, speed_repeats: int = 3) -> ParityReport:
+    from engines.core.manifest import Manifest
     from engines.load import open_package
-    from exporter.package import load_manifest
+    from exporter.reference import package_reference
     from validation.samples import sample_prompts
 
     package = Path(package)
-    manifest = load_manifest(package)
-    precision = manifest["precision"]
+    manifest = Manifest.load(package)
+    precision = manifest.precision.name
     limits = {**DEFAULT_THRESHOLDS[precision], **(thresholds or {})}
-    reference = reference_runtime(package, manifest, model)
+    reference = package_reference(package, manifest, model)
     samples = sample_prompts(reference, images, prompts, count=count)
-    dynamic = bool(manifest["split"]["has_routers"] and manifest["split"]["exit_boundaries"])
+    dynamic = bool(manifest.split.router_layers)
     ref = run_runner(reference, samples, max_new_tokens, dynamic)
     results, runners = {}, {"pytorch": reference}
     for name in backends:
@@ -278,7 +255,7 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
         runners[name] = runtime
     ran = [r for r in results.values() if r.get("passed") is not None]
     exits = sorted(e for e in ref.exit_layers if e is not None)
-    boundaries = manifest["split"]["exit_boundaries"]
+    boundaries = manifest.split.exit_boundaries
     speed_exit = exits[len(exits) // 2] if exits else (boundaries[len(boundaries) // 2] if boundaries else None)
     speed = speed_section(manifest, samples[0], runners, speed_exit, speed_repeats) if speed_repeats else {}
     data = {

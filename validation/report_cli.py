@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 
 def add_arguments(parser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 DEFAULT_QUESTION = "Describe the image."
@@ -34,7 +34,7 @@ def user_pairs(images: str | Path, prompts: str | Path | None) -> list[tuple[Pat
 def sample_prompts(runtime, images=None, prompts=None, count: int = 8):
     """Prepared prompts: the user's (image folder + prompt file) or `count` built-in synthetic
     evaluation samples (coloured shapes with questions)."""
-    from exporter.models.base import load_image
+    from engines.core.prompt import load_image
 
     if images:
         return [runtime.prepare(text, load_image(path)) for path, text in user_pairs(images, prompts)]

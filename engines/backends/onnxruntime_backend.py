@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.errors import DyVTEError
-from exporter.models.decoder import DecoderShape
+from engines.backends.base import PackageBackend
+from engines.core.errors import DyVTEError
+from engines.core.manifest import Manifest
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 PROVIDER_ALIASES = {
     "cpu": ["CPUExecutionProvider"],
@@ -26,28 +26,8 @@ PROVIDER_ALIASES = {
 }
 
 
-def shape_from_manifest(manifest: dict) -> DecoderShape:
-    a = manifest["architecture"]
-    return DecoderShape(a["num_layers"], a["hidden_size"], a["num_heads"], a["num_kv_heads"], a["head_dim"],
-                        a["vocab_size"], a["max_positions"])
-
-
-class PackageBackend:
-    """What every backend of an exported package reads from its manifest."""
-
-    def __init__(self, package: Path, manifest: dict):
-        self.package = Path(package)
-        self.manifest = manifest
-        self.shape = shape_from_manifest(manifest)
-        split = manifest["split"]
-        self.segments = [tuple(s) for s in split["segments"]]
-        self.router_layers = frozenset(split["exit_boundaries"]) if split["has_routers"] else frozenset()
-        self.dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
-        self.visual_per_tile = manifest["architecture"]["visual_tokens_per_tile"]
-
-
 class OnnxRuntimeBackend(PackageBackend):
-    def __init__(self, package: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+    def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  spin: bool = False):
         import onnxruntime as ort
 
@@ -72,18 +52,15 @@ class OnnxRuntimeBackend(PackageBackend):
         # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.sessions = {}
-        self.graphs = {}
         self._local = threading.local()
-        for graph in manifest["graphs"]:
-            path = self.package / graph["file"]
+        for graph in manifest.graphs:
+            path = self.graph_path(graph)
             try:
-                self.sessions[graph["name"]] = ort.InferenceSession(str(path), options, providers=providers)
+                self.sessions[graph.name] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:
-                raise DyVTEError(f"onnxruntime cannot load {graph['file']}: {str(exc).splitlines()[0]}") from None
-            self.graphs[graph["name"]] = graph
-        self._segment_graphs = [g["name"] for g in manifest["graphs"] if g["role"] == "decoder"]
-        # one run per generated token instead of one per graph (packages from before it lack it)
-        self.fused_decode = "decode" in self.sessions
+                raise DyVTEError(f"onnxruntime cannot load {graph.file}: {str(exc).splitlines()[0]}") from exc
+        # one run per generated token instead of one per graph
+        self.fused_decode = manifest.has_graph("decode")
         self.providers = providers
 
     # ------------------------------------------------------------------ binding
@@ -105,9 +82,10 @@ class OnnxRuntimeBackend(PackageBackend):
         return buf[:numel].view(shape)
 
     def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple],
-             reuse: tuple[str, ...] = ()) -> list[torch.Tensor]:
-        """Run graph `name`; outputs whose names start with a prefix in `reuse` go to
-        `_kv_buffer`s (decode only: their previous contents must be dead)."""
+             reuse=()) -> list[torch.Tensor]:
+        """Run graph `name`; outputs named in `reuse` go to `_kv_buffer`s (decode only: their
+        previous contents must be dead)."""
+        reuse = {x for pair in reuse for x in (pair if isinstance(pair, tuple) else (pair,))}
         session = self.sessions[name]
         binding = session.io_binding()
         keep = []
@@ -118,7 +96,7 @@ class OnnxRuntimeBackend(PackageBackend):
                                tensor.data_ptr())
         results = []
         for key, (shape, dtype) in outputs.items():
-            if reuse and key.startswith(reuse):
+            if key in reuse:
                 out = self._kv_buffer(key, shape, dtype)
             else:
                 out = torch.empty(shape, dtype=dtype, device=self.device)
@@ -130,58 +108,62 @@ class OnnxRuntimeBackend(PackageBackend):
     # ------------------------------------------------------------------ Backend protocol
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        n = self.names
         tiles = pixel_values.shape[0]
-        (out,) = self._run("vision", {"pixel_values": pixel_values.to(self.device, self.dtype)},
-                           {"visual_embeds": ((tiles, self.visual_per_tile, self.shape.hidden_size), self.dtype)})
+        (out,) = self._run("vision", {n.pixel_values: pixel_values.to(self.device, self.dtype)},
+                           {n.visual_embeds: ((tiles, self.visual_per_tile, self.shape.hidden_size), self.dtype)})
         return out
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = self.names
         b, s = input_ids.shape
-        (out,) = self._run("embed", {"input_ids": input_ids.to(self.device, torch.int64)},
-                           {"inputs_embeds": ((b, s, self.shape.hidden_size), self.dtype)})
+        (out,) = self._run("embed", {n.input_ids: input_ids.to(self.device, torch.int64)},
+                           {n.inputs_embeds: ((b, s, self.shape.hidden_size), self.dtype)})
         return out
 
-    def run_segment(self, index, hidden, position_ids, key_mask, past):
+    def run_segment(self, index, hidden, position_ids, key_mask, past, phase):
+        n = self.names
         start, end = self.segments[index]
         b, s, h = hidden.shape
-        inputs = {"hidden_states": hidden.to(self.dtype), "position_ids": position_ids.to(torch.int64),
-                  "attention_mask": key_mask.to(torch.int64)}
-        outputs = {"hidden_states_out": ((b, s, h), self.dtype)}
+        inputs = {n.hidden_in: hidden.to(self.dtype), n.position_ids: position_ids.to(torch.int64),
+                  n.attention_mask: key_mask.to(torch.int64)}
+        outputs = {n.hidden_out: ((b, s, h), self.dtype)}
         total = key_mask.shape[1]
         kv_shape = (b, self.shape.num_kv_heads, total, self.shape.head_dim)
-        for layer, (k, v) in zip(range(start, end), past):
-            inputs[f"past.{layer}.key"], inputs[f"past.{layer}.value"] = k, v
-            outputs[f"present.{layer}.key"] = (kv_shape, self.dtype)
-            outputs[f"present.{layer}.value"] = (kv_shape, self.dtype)
-        out = self._run(self._segment_graphs[index], inputs, outputs)
+        for layer, kv in zip(range(start, end), past):
+            inputs.update(zip(n.past(layer), kv))
+            outputs.update((name, (kv_shape, self.dtype)) for name in n.new(layer))
+        out = self._run(self.segment_graphs[index], inputs, outputs)
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(end - start)]
 
     def decode_step(self, input_ids, position_ids, masks, past):
-        """One token through embedding, every segment and the head, in the fused decode graph.
-        `masks[i]` is segment i's key mask (past + the new token); `past[l]` layer l's cache."""
+        """One token through embedding, every segment and the head, in the fused decode graph."""
+        if not self.fused_decode:
+            return super().decode_step(input_ids, position_ids, masks, past)
+        n = self.names
         b = input_ids.shape[0]
-        inputs = {"input_ids": input_ids.to(torch.int64), "position_ids": position_ids.to(torch.int64)}
-        outputs = {"logits": ((b, 1, self.shape.vocab_size), self.dtype)}
+        inputs = {n.input_ids: input_ids.to(torch.int64), n.position_ids: position_ids.to(torch.int64)}
+        outputs = {n.logits: ((b, 1, self.shape.vocab_size), self.dtype)}
         kv = (self.shape.num_kv_heads, self.shape.head_dim)
         for i, (start, end) in enumerate(self.segments):
-            inputs[f"attention_mask.{i}"] = masks[i].to(torch.int64)
+            inputs[n.mask(i)] = masks[i].to(torch.int64)
+            shape = (b, kv[0], masks[i].shape[1], kv[1])
             for layer in range(start, end):
-                k, v = past[layer]
-                inputs[f"past.{layer}.key"], inputs[f"past.{layer}.value"] = k, v
-                shape = (b, kv[0], masks[i].shape[1], kv[1])
-                outputs[f"present.{layer}.key"] = (shape, self.dtype)
-                outputs[f"present.{layer}.value"] = (shape, self.dtype)
-        out = self._run("decode", inputs, outputs, reuse=("present.",))
+                inputs.update(zip(n.past(layer), past[layer]))
+                outputs.update((name, (shape, self.dtype)) for name in n.new(layer))
+        out = self._run("decode", inputs, outputs, reuse=tuple(n.new(l) for l in range(self.shape.num_layers)))
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.shape.num_layers)]
 
     def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        (out,) = self._run("hypernet", {"hidden_states": hidden, "text_weights": weights.to(self.dtype),
-                                        "layer": torch.tensor([layer], dtype=torch.int64, device=self.device)},
-                           {"router_logits": ((hidden.shape[0], 2), self.dtype)})
+        n = self.names
+        (out,) = self._run("hypernet", {n.hidden_in: hidden, n.text_weights: weights.to(self.dtype),
+                                        n.router_layer: torch.tensor([layer], dtype=torch.int64, device=self.device)},
+                           {n.router_logits: ((hidden.shape[0], 2), self.dtype)})
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        n = self.names
         b, s, _ = hidden.shape
-        (out,) = self._run("lm_head", {"hidden_states": hidden.to(self.dtype)},
-                           {"logits": ((b, s, self.shape.vocab_size), self.dtype)})
+        (out,) = self._run("lm_head", {n.hidden_in: hidden.to(self.dtype)},
+                           {n.logits: ((b, s, self.shape.vocab_size), self.dtype)})
         return out

@@ -18,49 +18,50 @@ from pathlib import Path
 
 import torch
 
-from engines.backends.onnxruntime_backend import PackageBackend
+from engines.backends.base import PackageBackend
 from engines.backends.tensorrt_build import (
-    REBUILD_HINT, Profile, choose_profile, describe, import_tensorrt, machine_identity, segment_mode, trt_logger,
+    REBUILD_HINT, SKIPPED_ROLES, choose_profile, describe, import_tensorrt, last_errors, machine_identity,
+    trt_logger,
 )
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
+from engines.core.manifest import Manifest
 
 ALIGNMENT = 256  # TensorRT wants every tensor address aligned to 256 bytes
-IDENTITY_FIELDS = ("gpu", "compute_capability", "tensorrt")
 
 
-def select_build(manifest: dict, identity: dict, precision: str | None = None) -> str:
+def select_build(manifest: Manifest, identity: dict, precision: str | None = None) -> str:
     """The key of the package's engine build made for this machine, or a DyVTEError saying what
     the engines were built for. `precision` None prefers the package's precision."""
-    builds = (manifest.get("tensorrt") or {}).get("builds") or {}
-    want = precision or manifest["precision"]
+    builds = manifest.tensorrt.builds
+    want = precision or manifest.precision.name
     if not builds:
         raise DyVTEError(f"this package has no TensorRT engines; build them on this machine "
                          f"({describe(identity)}) with python -m engines build PACKAGE")
-    here = {k: b for k, b in builds.items() if all(str(b.get(f)) == str(identity[f]) for f in IDENTITY_FIELDS)}
+    here = {k: b for k, b in builds.items() if b.matches(identity)}
     for key, build in sorted(here.items()):
-        if build.get("precision") == want:
+        if build.precision == want:
             return key
     if precision is None and len(here) == 1:
         return next(iter(here))
-    found = "; ".join(describe(b, b.get("precision")) for _, b in sorted(builds.items()))
+    found = "; ".join(describe(b.identity(), b.precision) for _, b in sorted(builds.items()))
     raise DyVTEError(f"engines were built for {found}, this machine is {describe(identity, want)}; {REBUILD_HINT}")
 
 
-def bind_axes(specs: list[dict], shapes: dict[str, tuple]) -> dict[str, int]:
+def bind_axes(specs, shapes: dict[str, tuple]) -> dict[str, int]:
     """Sizes of the symbolic axes given the inputs' shapes; a DyVTEError when inputs disagree."""
     sizes: dict[str, int] = {}
     for spec in specs:
-        shape = shapes.get(spec["name"])
+        shape = shapes.get(spec.name)
         if shape is None:
-            raise DyVTEError(f"missing input {spec['name']}")
-        if len(shape) != len(spec["shape"]):
-            raise DyVTEError(f"input {spec['name']} has shape {tuple(shape)}, expected rank {len(spec['shape'])}")
-        for want, got in zip(spec["shape"], shape):
+            raise DyVTEError(f"missing input {spec.name}")
+        if len(shape) != len(spec.shape):
+            raise DyVTEError(f"input {spec.name} has shape {tuple(shape)}, expected rank {len(spec.shape)}")
+        for want, got in zip(spec.shape, shape):
             if isinstance(want, int):
                 if want != got:
-                    raise DyVTEError(f"input {spec['name']} has shape {tuple(shape)}, expected {spec['shape']}")
+                    raise DyVTEError(f"input {spec.name} has shape {tuple(shape)}, expected {list(spec.shape)}")
             elif sizes.setdefault(want, int(got)) != got:
-                raise DyVTEError(f"axis {want} is {sizes[want]} in one input and {got} in {spec['name']}")
+                raise DyVTEError(f"axis {want} is {sizes[want]} in one input and {got} in {spec.name}")
     return sizes
 
 
@@ -80,16 +81,16 @@ def _torch_dtypes(trt) -> dict:
 class _Engine:
     """One deserialized engine with a context per profile (needs TensorRT and a GPU)."""
 
-    def __init__(self, trt, runtime, path: Path, graph: dict, profiles: list[Profile], stream: torch.cuda.Stream):
-        self.name = graph["name"]
+    def __init__(self, trt, runtime, path: Path, graph, profiles: list, stream: torch.cuda.Stream):
+        self.name = graph.name
         self.graph = graph
         self.profiles = profiles
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise DyVTEError(f"TensorRT cannot load {path.name} ({_errors()}); {REBUILD_HINT}")
-        self.inputs = [t["name"] for t in graph["inputs"]]
-        self.dynamic = [t["name"] for t in graph["inputs"] if any(isinstance(d, str) for d in t["shape"])]
-        self.outputs = [t["name"] for t in graph["outputs"]]
+        self.inputs = [t.name for t in graph.inputs]
+        self.dynamic = [t.name for t in graph.inputs if any(isinstance(d, str) for d in t.shape)]
+        self.outputs = [t.name for t in graph.outputs]
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         if names != set(self.inputs) | set(self.outputs):
             raise DyVTEError(f"engine {path.name} has tensors {sorted(names)}, the manifest lists "
@@ -114,7 +115,7 @@ class _Engine:
             raise DyVTEError(f"engine {path.name} has {self.engine.num_optimization_profiles} profiles, the "
                              f"manifest {len(self.profiles)}; {REBUILD_HINT}")
         for index, profile in enumerate(self.profiles):
-            for name, want in profile.input_shapes(self.graph["inputs"]).items():
+            for name, want in profile.input_shapes(self.graph.inputs).items():
                 got = tuple(tuple(d) for d in self.engine.get_tensor_profile_shape(name, index))
                 if got != want:
                     raise DyVTEError(f"engine {path.name} profile {profile.name} gives {name} {got}, the manifest "
@@ -160,35 +161,32 @@ class _Engine:
 
 
 def _errors() -> str:
-    from engines.backends.tensorrt_build import _LOGGER, _last_errors
-
-    return _last_errors(_LOGGER) if _LOGGER is not None else "no error message from TensorRT"
+    return last_errors()
 
 
 class TensorRTBackend(PackageBackend):
-    def __init__(self, package: Path, manifest: dict, precision: str | None = None, identity: dict | None = None):
+    def __init__(self, package: Path, manifest: Manifest, precision: str | None = None, identity: dict | None = None):
         trt = import_tensorrt("cannot run the TensorRT backend")
         super().__init__(package, manifest)
         self.key = select_build(manifest, identity or machine_identity(), precision)
-        build = manifest["tensorrt"]["builds"][self.key]
-        self.limits = build["limits"]
+        build = manifest.tensorrt.builds[self.key]
+        self.limits = build.limits
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
         logger = trt_logger(trt)
         self._runtime = trt.Runtime(logger)
-        graphs = {g["name"]: g for g in manifest["graphs"] if g["role"] != "decode"}  # decode: ORT's
-        entries = [e for e in manifest["tensorrt"]["engines"] if e["key"] == self.key]
-        missing = set(graphs) - {e["graph"] for e in entries}
+        graphs = {g.name: g for g in manifest.graphs if g.role not in SKIPPED_ROLES}
+        entries = manifest.tensorrt.engines_of(self.key)
+        missing = set(graphs) - {e.graph for e in entries}
         if missing:
             raise DyVTEError(f"the {self.key} build has no engines for {', '.join(sorted(missing))}; {REBUILD_HINT}")
         self.engines: dict[str, _Engine] = {}
         for e in entries:
-            path = self.package / e["file"]
+            path = manifest.resolve(self.package, e.file)
             if not path.is_file():
-                raise DyVTEError(f"engine file missing: {e['file']}; {REBUILD_HINT}")
-            profiles = [Profile.from_dict(p) for p in e["profiles"]]
-            self.engines[e["graph"]] = _Engine(trt, self._runtime, path, graphs[e["graph"]], profiles, self.stream)
+                raise DyVTEError(f"engine file missing: {e.file}; {REBUILD_HINT}")
+            self.engines[e.graph] = _Engine(trt, self._runtime, path, graphs[e.graph], e.profiles, self.stream)
         scratch = max(engine.scratch_bytes() for engine in self.engines.values())
         self._scratch = torch.empty(max(scratch, ALIGNMENT), dtype=torch.uint8, device=self.device)
         for engine in self.engines.values():
@@ -196,9 +194,8 @@ class TensorRTBackend(PackageBackend):
         self._dummy = torch.zeros(ALIGNMENT, dtype=torch.uint8, device=self.device)
         self._layers = {}
         self.stream.synchronize()
-        self._segment_graphs = [g["name"] for g in manifest["graphs"] if g["role"] == "decoder"]
         # Float inputs/outputs are the engines' own types (fp32 I/O for an fp16 build of an fp32 package).
-        self.dtype = self.engines["embed"].dtypes["inputs_embeds"]
+        self.dtype = self.engines["embed"].dtypes[self.names.inputs_embeds]
 
     # ------------------------------------------------------------------ binding
 
@@ -208,15 +205,17 @@ class TensorRTBackend(PackageBackend):
             tensor = tensor.clone()  # a view into another tensor (e.g. its last position)
         return tensor
 
-    def _run(self, name: str, inputs: dict[str, torch.Tensor], extra_axes: dict | None = None) -> list[torch.Tensor]:
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], extra_axes: dict | None = None,
+             phase: str | None = None) -> list[torch.Tensor]:
+        """Run engine `name` in the profile of `phase` (decoder segments: the orchestrator's phase),
+        or in the first profile that takes the inputs' shapes."""
         engine = self.engines[name]
         tensors = {k: self._prepare(v, engine.dtypes[k]) for k, v in inputs.items()}
-        sizes = bind_axes(engine.graph["inputs"], {k: tuple(t.shape) for k, t in tensors.items()})
-        preferred = segment_mode(sizes, self.limits["max_text"]) if engine.graph["role"] == "decoder" else None
-        index = choose_profile(name, engine.profiles, sizes, preferred)
+        sizes = bind_axes(engine.graph.inputs, {k: tuple(t.shape) for k, t in tensors.items()})
+        index = choose_profile(name, engine.profiles, sizes, phase)
         sizes.update(extra_axes or {})
-        outputs = {o["name"]: torch.empty(resolve_shape(o["shape"], sizes), dtype=engine.dtypes[o["name"]],
-                                          device=self.device) for o in engine.graph["outputs"]}
+        outputs = {o.name: torch.empty(resolve_shape(o.shape, sizes), dtype=engine.dtypes[o.name],
+                                       device=self.device) for o in engine.graph.outputs}
         with self._lock:
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)  # inputs were written on the caller's stream
@@ -227,28 +226,30 @@ class TensorRTBackend(PackageBackend):
     # ------------------------------------------------------------------ Backend protocol
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        (out,) = self._run("vision", {"pixel_values": pixel_values}, {"visual_tokens": self.visual_per_tile})
+        (out,) = self._run("vision", {self.names.pixel_values: pixel_values}, {"visual_tokens": self.visual_per_tile})
         return out
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        (out,) = self._run("embed", {"input_ids": input_ids})
+        (out,) = self._run("embed", {self.names.input_ids: input_ids})
         return out
 
-    def run_segment(self, index, hidden, position_ids, key_mask, past):
+    def run_segment(self, index, hidden, position_ids, key_mask, past, phase):
+        n = self.names
         start, end = self.segments[index]
-        inputs = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": key_mask}
-        for layer, (k, v) in zip(range(start, end), past):
-            inputs[f"past.{layer}.key"], inputs[f"past.{layer}.value"] = k, v
-        out = self._run(self._segment_graphs[index], inputs)
+        inputs = {n.hidden_in: hidden, n.position_ids: position_ids, n.attention_mask: key_mask}
+        for layer, kv in zip(range(start, end), past):
+            inputs.update(zip(n.past(layer), kv))
+        out = self._run(self.segment_graphs[index], inputs, phase=phase)
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(end - start)]
 
     def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if layer not in self._layers:
             self._layers[layer] = torch.tensor([layer], dtype=torch.int64, device=self.device)
-        inputs = {"hidden_states": hidden, "text_weights": weights, "layer": self._layers[layer]}
+        n = self.names
+        inputs = {n.hidden_in: hidden, n.text_weights: weights, n.router_layer: self._layers[layer]}
         (out,) = self._run("hypernet", inputs)
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        (out,) = self._run("lm_head", {"hidden_states": hidden})
+        (out,) = self._run("lm_head", {self.names.hidden_in: hidden})
         return out

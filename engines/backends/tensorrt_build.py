@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
+from engines.core.manifest import (
+    EngineBuild, EngineEntry, FileInfo, GraphEntry, Limits, Manifest, Profile, TensorRTSection, sha256_file,
+)
 
 DEFAULT_MAX_BATCH = 8  # parity runs its 8 samples as one batch
 DEFAULT_MAX_TEXT = 512
@@ -29,7 +32,10 @@ DEFAULT_WORKSPACE_GB = 8.0
 TYPICAL_TEXT = 64  # text tokens of a typical prompt: the shape profiles are tuned for
 MIN_TENSORRT_MAJOR = 10  # int64 inputs, named-tensor execution API
 REBUILD_HINT = "rebuild with python -m engines build PACKAGE"
-PROFILE_NAMES = ("pre_exit", "post_exit", "decode")
+PROFILE_NAMES = ("pre_exit", "post_exit", "decode")  # the orchestrator's phases (engines.backends.base)
+# The fused decode graph is ONNX Runtime's: the TensorRT backend decodes segment by segment with each
+# segment engine's decode profile (fusing it would need per-segment past-length profiles).
+SKIPPED_ROLES = ("decode",)
 
 
 # ---------------------------------------------------------------- environment
@@ -101,30 +107,6 @@ def describe(identity: dict, precision: str | None = None) -> str:
 # ---------------------------------------------------------------- shape limits and profiles
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The largest inputs the engines take. `prefill` positions hold the image's tiles and text."""
-
-    max_batch: int
-    max_text: int
-    max_tiles: int
-    visual_tokens: int  # per tile
-    context: int  # positions in all (prompt + generated): decode caches reach context - 1
-
-    @property
-    def prefill(self) -> int:
-        return min(self.visual_tokens * self.max_tiles + self.max_text, self.context)
-
-    @property
-    def text_only(self) -> int:
-        """Longest text after the exit: the prefill less the fewest visual tokens (one tile)."""
-        return min(self.prefill - self.visual_tokens, self.context)
-
-    def to_dict(self) -> dict:
-        return {"max_batch": self.max_batch, "max_text": self.max_text, "max_tiles": self.max_tiles,
-                "visual_tokens": self.visual_tokens, "context": self.context}
-
-
 def max_tiles_of(package: Path) -> int:
     """Most tiles one image can become: `crop_to_patches` processors (InternVL) give up to
     `max_patches` tiles plus a thumbnail; every other processor gives one."""
@@ -139,73 +121,32 @@ def max_tiles_of(package: Path) -> int:
     return 1
 
 
-def limits_for(manifest: dict, max_batch: int, max_text: int, max_tiles: int,
+def limits_for(manifest: Manifest, max_batch: int, max_text: int, max_tiles: int,
                max_context: int | None = None) -> Limits:
-    a = manifest["architecture"]
-    context = min(a["max_positions"], max_context) if max_context else a["max_positions"]
+    positions = manifest.shape.max_positions
+    context = min(positions, max_context) if max_context else positions
     for name, value in (("max_batch", max_batch), ("max_text", max_text), ("max_tiles", max_tiles),
                         ("context", context)):
         if int(value) < 1:
             raise DyVTEError(f"{name} must be at least 1 (got {value})")
-    limits = Limits(int(max_batch), int(max_text), int(max_tiles), int(a["visual_tokens_per_tile"]), int(context))
+    limits = Limits(int(max_batch), int(max_text), int(max_tiles),
+                    int(manifest.architecture.visual_tokens_per_tile), int(context))
     if limits.visual_tokens + 1 > limits.context:
         raise DyVTEError(f"a context of {limits.context} positions cannot hold one image "
                          f"({limits.visual_tokens} visual tokens) and a text token")
     return limits
 
 
-@dataclass(frozen=True)
-class Profile:
-    """One optimisation profile as (min, opt, max) per symbolic axis of the graph's inputs."""
-
-    name: str
-    axes: dict
-
-    def contains(self, sizes: dict) -> bool:
-        return all(lo <= sizes[axis] <= hi for axis, (lo, _, hi) in self.axes.items() if axis in sizes)
-
-    def input_shapes(self, inputs: list[dict]) -> dict[str, tuple[tuple, tuple, tuple]]:
-        """(min, opt, max) shapes of every input with a symbolic axis, from the manifest's specs."""
-        out = {}
-        for spec in inputs:
-            if all(isinstance(d, int) for d in spec["shape"]):
-                continue
-            shapes = []
-            for k in range(3):
-                dims = []
-                for d in spec["shape"]:
-                    if isinstance(d, int):
-                        dims.append(d)
-                    elif d in self.axes:
-                        dims.append(self.axes[d][k])
-                    else:
-                        raise DyVTEError(f"input {spec['name']} has axis {d!r} that profile {self.name} does not set")
-                shapes.append(tuple(dims))
-            out[spec["name"]] = tuple(shapes)
-        return out
-
-    def summary(self) -> str:
-        parts = [f"{axis} {lo}" if lo == hi else f"{axis} {lo}..{hi}" for axis, (lo, _, hi) in self.axes.items()]
-        return f"{self.name}: {', '.join(parts)}"
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "axes": {k: list(v) for k, v in self.axes.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Profile":
-        return cls(data["name"], {k: tuple(int(x) for x in v) for k, v in data["axes"].items()})
-
-
 def _range(lo: int, opt: int, hi: int) -> tuple[int, int, int]:
     return (lo, min(max(opt, lo), hi), hi)
 
 
-def graph_profiles(graph: dict, limits: Limits) -> list[Profile]:
-    """The optimisation profiles of one package graph (a manifest `graphs` entry)."""
+def graph_profiles(graph: GraphEntry, limits: Limits) -> list[Profile]:
+    """The optimisation profiles of one package graph (a manifest `GraphEntry`)."""
     L = limits
     batch = _range(1, 1, L.max_batch)
     typical = min(TYPICAL_TEXT, L.max_text)
-    role = graph["role"]
+    role = graph.role
     if role == "vision":
         profiles = [Profile("images", {"tiles": _range(1, L.max_tiles, L.max_batch * L.max_tiles)})]
     elif role == "embed":  # the whole prompt at prefill, one token per decode step (the hot path)
@@ -217,7 +158,7 @@ def graph_profiles(graph: dict, limits: Limits) -> list[Profile]:
     elif role == "decoder":
         profiles = _decoder_profiles(L, batch, typical)
     else:
-        raise DyVTEError(f"graph {graph['name']} has role {role!r}, which has no TensorRT profiles")
+        raise DyVTEError(f"graph {graph.name} has role {role!r}, which has no TensorRT profiles")
     _check_axes(graph, profiles)
     return profiles
 
@@ -237,24 +178,12 @@ def _decoder_profiles(L: Limits, batch, typical: int) -> list[Profile]:
     ]
 
 
-def _check_axes(graph: dict, profiles: list[Profile]) -> None:
-    for spec in graph["inputs"]:
-        for d in spec["shape"]:
+def _check_axes(graph: GraphEntry, profiles: list[Profile]) -> None:
+    for spec in graph.inputs:
+        for d in spec.shape:
             if isinstance(d, str) and any(d not in p.axes for p in profiles):
-                raise DyVTEError(f"graph {graph['name']} input {spec['name']} has an axis {d!r} that the "
+                raise DyVTEError(f"graph {graph.name} input {spec.name} has an axis {d!r} that the "
                                  "TensorRT profiles do not cover (a package from another version?)")
-
-
-def segment_mode(sizes: dict, max_text: int) -> str | None:
-    """Which decoder profile a call is meant for, from its shapes alone (the orchestrator does not
-    say): no cache and a sequence longer than any text is prefill with the image; no cache
-    otherwise is prefill after the exit (or of a text-only prompt); one token on a cache is decode."""
-    past, seq = sizes.get("past_seq", 0), sizes.get("seq", 0)
-    if past == 0:
-        return "pre_exit" if seq > max_text else "post_exit"
-    if seq == 1:
-        return "decode"
-    return None
 
 
 def choose_profile(graph_name: str, profiles: list[Profile], sizes: dict, preferred: str | None = None) -> int:
@@ -276,29 +205,22 @@ def choose_profile(graph_name: str, profiles: list[Profile], sizes: dict, prefer
 # ---------------------------------------------------------------- manifest
 
 
-def record_engines(package: Path, manifest: dict, key: str, build: dict, entries: list[dict]) -> dict:
-    """Put one build into the manifest's `tensorrt` slot and `files`, and write it (atomically).
-
-    Only engine entries change in `files`: the rest keeps the checksums of the export (a later
-    parity report in `report/` must not become part of what `load_manifest` verifies)."""
+def record_engines(package: Path, manifest: Manifest, key: str, build: EngineBuild,
+                   entries: list[EngineEntry]) -> Manifest:
+    """Put one build into the manifest's `tensorrt` section and `files`, and save it (atomically,
+    re-signed). Only engine entries change in `files`: the rest keeps the checksums of the export."""
     package = Path(package)
-    slot = dict(manifest.get("tensorrt") or {})
-    builds = dict(slot.get("builds") or {})
-    builds[key] = build
-    engines = [e for e in slot.get("engines") or [] if e.get("key") != key and (package / e["file"]).is_file()]
-    engines += entries
-    builds = {k: b for k, b in builds.items() if any(e["key"] == k for e in engines)}
-    manifest["tensorrt"] = {"status": f"built for {', '.join(sorted(builds))}", "builds": builds,
-                            "engines": engines}
+    slot = manifest.tensorrt
+    engines = [e for e in slot.engines if e.key != key and (package / e.file).is_file()] + list(entries)
+    builds = {k: b for k, b in {**slot.builds, key: build}.items() if any(e.key == k for e in engines)}
+    manifest.tensorrt = TensorRTSection(builds, engines, f"built for {', '.join(sorted(builds))}")
     prefix = f"engines/{key}/"
-    files = {rel: info for rel, info in (manifest.get("files") or {}).items()
+    files = {rel: info for rel, info in manifest.files.items()
              if not rel.startswith(prefix) and (package / rel).is_file()}
     for e in entries:
-        files[e["file"]] = {"sha256": e["sha256"], "bytes": e["bytes"]}
-    manifest["files"] = dict(sorted(files.items()))
-    tmp = package / f".manifest.json.{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, package / "manifest.json")
+        files[e.file] = FileInfo(e.sha256, e.bytes)
+    manifest.files = dict(sorted(files.items()))
+    manifest.save(package, files=False)
     return manifest
 
 
@@ -354,6 +276,11 @@ def _last_errors(logger, count: int = 3) -> str:
     return " | ".join(logger.errors[-count:]) or "no error message from TensorRT"
 
 
+def last_errors() -> str:
+    """The latest errors TensorRT logged in this process (for error messages)."""
+    return _last_errors(_LOGGER) if _LOGGER is not None else "no error message from TensorRT"
+
+
 def _parser_errors(parser) -> str:
     errors = []
     for i in range(parser.num_errors):
@@ -375,7 +302,22 @@ class BuildOptions:
     optimization_level: int | None
 
 
-def _build_engine(trt, builder, logger, path: Path, graph: dict, profiles: list[Profile], options: BuildOptions,
+def device_memory(trt, logger, plan, profiles: list[Profile]) -> dict[str, int]:
+    """Scratch (activation) bytes each profile of a serialized engine needs, as TensorRT reports
+    them (weights are counted by the engine file's size)."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        return {}
+    out = {}
+    for index, profile in enumerate(profiles):
+        if hasattr(engine, "get_device_memory_size_for_profile_v2"):
+            out[profile.name] = int(engine.get_device_memory_size_for_profile_v2(index))
+        elif hasattr(engine, "device_memory_size_v2"):
+            out[profile.name] = int(engine.device_memory_size_v2)
+    return out
+
+
+def _build_engine(trt, builder, logger, path: Path, graph: GraphEntry, profiles: list[Profile], options: BuildOptions,
                   timing: bytes) -> tuple[object, bytes]:
     """One serialized engine (needs TensorRT). Returns it with the timing cache grown by its build:
     segments of one model share layer shapes, so later segments reuse the first one's timings."""
@@ -386,7 +328,7 @@ def _build_engine(trt, builder, logger, path: Path, graph: dict, profiles: list[
     parser = trt.OnnxParser(network, logger)
     # From the file, not from bytes: the parser finds the external weights next to it.
     if not parser.parse_from_file(str(path)):
-        raise DyVTEError(f"TensorRT cannot parse {graph['file']}: {_parser_errors(parser)}")
+        raise DyVTEError(f"TensorRT cannot parse {graph.file}: {_parser_errors(parser)}")
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
@@ -400,29 +342,29 @@ def _build_engine(trt, builder, logger, path: Path, graph: dict, profiles: list[
     config.set_timing_cache(cache, False)
     for profile in profiles:
         trt_profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profile.input_shapes(graph["inputs"]).items():
+        for name, (lo, opt, hi) in profile.input_shapes(graph.inputs).items():
             tensor = inputs.get(name)
             if tensor is None:
-                raise DyVTEError(f"{graph['file']} has no input {name!r} although the manifest lists it")
+                raise DyVTEError(f"{graph.file} has no input {name!r} although the manifest lists it")
             if tensor.is_shape_tensor:
-                raise DyVTEError(f"{graph['file']}: input {name} is a shape tensor, "
+                raise DyVTEError(f"{graph.file}: input {name} is a shape tensor, "
                                  "which this builder does not support")
             try:
                 trt_profile.set_shape(name, lo, opt, hi)
             except RuntimeError as exc:
-                raise DyVTEError(f"{graph['file']}: TensorRT rejects profile {profile.name} for input {name} "
+                raise DyVTEError(f"{graph.file}: TensorRT rejects profile {profile.name} for input {name} "
                                  f"(min {lo}, opt {opt}, max {hi}; graph dims {tuple(tensor.shape)}): {exc}"
                                  ) from None
         if config.add_optimization_profile(trt_profile) < 0:
-            raise DyVTEError(f"{graph['file']}: TensorRT rejects optimisation profile {profile.summary()}")
+            raise DyVTEError(f"{graph.file}: TensorRT rejects optimisation profile {profile.summary()}")
     logger.errors = []
     try:
         plan = builder.build_serialized_network(network, config)
     except Exception as exc:  # e.g. out of memory raised through the bindings
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DyVTEError(f"TensorRT could not build the engine of {graph['name']}: {detail}") from None
+        raise DyVTEError(f"TensorRT could not build the engine of {graph.name}: {detail}") from None
     if plan is None:
-        raise DyVTEError(f"TensorRT could not build the engine of {graph['name']}: {_last_errors(logger)}")
+        raise DyVTEError(f"TensorRT could not build the engine of {graph.name}: {_last_errors(logger)}")
     return plan, bytes(memoryview(cache.serialize()))
 
 
@@ -430,19 +372,17 @@ def build_engines(package, max_batch: int = DEFAULT_MAX_BATCH, max_text: int = D
                   precision: str | None = None, workspace_gb: float = DEFAULT_WORKSPACE_GB, *,
                   max_tiles: int | None = None, max_context: int | None = None, typing: str | None = None,
                   optimization_level: int | None = None, progress: bool = True, verify: bool = True,
-                  verbose: bool = False) -> list[dict]:
+                  verbose: bool = False) -> list[EngineEntry]:
     """Build one engine per graph of `package` for this GPU and record them in its manifest.
 
     `precision` defaults to the package's; `precision="fp16"` on an fp32 package lowers it with
     TensorRT's FP16 flag (TensorRT 10 only). Returns the manifest's engine entries of this build."""
     from tqdm import tqdm
 
-    from exporter.package import load_manifest, sha256_file
-
     package = Path(package)
     trt = import_tensorrt(f"cannot build TensorRT engines for {package}")
-    manifest = load_manifest(package, verify=verify)
-    package_precision = manifest["precision"]
+    manifest = Manifest.load(package, verify=verify)
+    package_precision = manifest.precision.name
     precision = precision or package_precision
     if precision not in ("fp32", "fp16"):
         raise DyVTEError(f"unknown precision {precision!r}; choose fp32 or fp16")
@@ -462,26 +402,24 @@ def build_engines(package, max_batch: int = DEFAULT_MAX_BATCH, max_text: int = D
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     entries, timing = [], b""
-    # The fused decode graph is ONNX Runtime's: the TensorRT backend decodes segment by segment
-    # (one engine per segment with a decode profile); fusing it needs per-segment past profiles.
-    graphs = [g for g in manifest["graphs"] if g["role"] != "decode"]
+    graphs = [g for g in manifest.graphs if g.role not in SKIPPED_ROLES]
     bar = tqdm(graphs, desc="tensorrt", unit="engine", disable=not progress, file=sys.stderr)
     try:
         for graph in bar:
-            bar.set_description(f"tensorrt {graph['name']}")
+            bar.set_description(f"tensorrt {graph.name}")
             profiles = graph_profiles(graph, limits)
             t0 = time.perf_counter()
-            plan, timing = _build_engine(trt, builder, logger, package / graph["file"], graph, profiles, options,
-                                         timing)
-            path = tmp / f"{graph['name']}.plan"
+            plan, timing = _build_engine(trt, builder, logger, manifest.resolve(package, graph.file), graph,
+                                         profiles, options, timing)
+            path = tmp / f"{graph.name}.plan"
             with open(path, "wb") as f:
                 f.write(memoryview(plan))
+            memory = device_memory(trt, logger, plan, profiles)
             del plan
-            entries.append({
-                "key": key, "graph": graph["name"], "file": f"engines/{key}/{path.name}",
-                "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                "profiles": [p.to_dict() for p in profiles], "seconds": round(time.perf_counter() - t0, 2),
-            })
+            entries.append(EngineEntry(
+                key=key, graph=graph.name, file=f"engines/{key}/{path.name}", sha256=sha256_file(path),
+                bytes=path.stat().st_size, profiles=profiles, seconds=round(time.perf_counter() - t0, 2),
+                device_memory=memory))
         bar.close()
         final = folder / key
         if final.exists():
@@ -491,13 +429,12 @@ def build_engines(package, max_batch: int = DEFAULT_MAX_BATCH, max_text: int = D
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    build = {**identity, "precision": precision, "typing": typing, "limits": limits.to_dict(),
-             "workspace_gb": workspace_gb, "optimization_level": optimization_level,
-             "seconds": round(time.perf_counter() - started, 1),
-             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    build = EngineBuild(identity["gpu"], identity["compute_capability"], identity["tensorrt"], precision, limits,
+                        typing, workspace_gb, optimization_level, round(time.perf_counter() - started, 1),
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     record_engines(package, manifest, key, build, entries)
     if progress:
-        total = sum(e["bytes"] for e in entries) / 2**20
+        total = sum(e.bytes for e in entries) / 2**20
         print(f"tensorrt engines written: {folder / key} ({len(entries)} engines, {total:.1f} MiB, "
-              f"{build['seconds']:.0f} s)", file=sys.stderr)
+              f"{build.seconds:.0f} s)", file=sys.stderr)
     return entries

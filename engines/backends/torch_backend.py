@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from exporter.dyvte.router import router_features
-from exporter.models.base import MultimodalModel
+from engines.backends.base import SegmentDecoding
+from engines.core.dyvte import router_features
 
 
-class TorchBackend:
-    def __init__(self, model: MultimodalModel, segments: list[tuple[int, int]] | None = None):
+class TorchBackend(SegmentDecoding):
+    """`model`: any object with the adapters' decomposition (`vision`, `decoder`, `routers`,
+    `shape`), e.g. an `exporter.models.base.MultimodalModel`."""
+
+    def __init__(self, model, segments: list[tuple[int, int]] | None = None):
         self.model = model
         self.shape = model.shape
         num_layers = self.shape.num_layers
@@ -26,7 +29,7 @@ class TorchBackend:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.decoder.embed_tokens(input_ids)
 
-    def run_segment(self, index, hidden, position_ids, key_mask, past):
+    def run_segment(self, index, hidden, position_ids, key_mask, past, phase=None):
         start, end = self.segments[index]
         return self.model.decoder.run_layers(start, end, hidden, position_ids, key_mask, past)
 

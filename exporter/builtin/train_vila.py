@@ -56,8 +56,8 @@ from exporter.dyvte.train import (
     run_removed_branch,
     train_routers,
 )
-from exporter.errors import DyVTEError
-from exporter.models.base import Prompt
+from engines.core.errors import DyVTEError
+from engines.core.prompt import Prompt
 
 
 @dataclass
@@ -204,7 +204,7 @@ class FastPrompts:
         fast, slow = self(sample), self.processor.build(sample.question, sample.load_image())
         if fast.input_ids != slow.input_ids or fast.visual_span != slow.visual_span \
                 or not torch.equal(fast.pixel_values, slow.pixel_values):
-            raise DyVTEError("cached prompts differ from the processor's (internal error)")
+            raise RuntimeError("cached prompts differ from the processor's (a bug in FastPrompts)")
 
 
 def base_loss(model, prompts: list[Prompt], answers: list[list[int]], eos: int, exit_layer: int | None,
@@ -219,7 +219,7 @@ def base_loss(model, prompts: list[Prompt], answers: list[list[int]], eos: int, 
     empty = dec.empty_cache(hidden.shape[0], hidden.dtype, hidden.device)
     states = []
     for layer in range(end):
-        hidden, _ = dec.run_layers(layer, layer + 1, hidden, batch.position_ids, batch.key_mask, [(empty, empty)])
+        hidden, _ = dec.run_layers(layer, layer + 1, hidden, batch.layout.position_ids, batch.layout.key_mask, [(empty, empty)])
         states.append(hidden[:, batch.prompt_len - 1])
     if exit_layer is None:
         slots = batch.answer_slots
@@ -231,7 +231,7 @@ def base_loss(model, prompts: list[Prompt], answers: list[list[int]], eos: int, 
 
 
 def quick_accuracy(model, samples, policy="none") -> float:
-    from validation.accuracy import normalise, prepare_prompts, run_policy
+    from exporter.data.answers import normalise, prepare_prompts, run_policy
 
     results = run_policy(model, prepare_prompts(model, samples), policy)
     return sum(normalise(r.text) == s.answer for r, s in zip(results, samples)) / len(samples)
@@ -407,7 +407,7 @@ def run(args, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from exporter.errors import run_cli
+    from engines.core.errors import run_cli
 
     return run_cli(lambda args: run(args, argv), build_parser().parse_args(argv))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 
 @dataclass
@@ -30,7 +30,7 @@ class VQASample:
             return self.image
         if self.image_path is None:
             raise DyVTEError(f"sample {self.id} has no image")
-        from exporter.models.base import load_image
+        from engines.core.prompt import load_image
 
         try:
             return load_image(self.image_path)

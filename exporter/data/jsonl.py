@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from exporter.data import VQASample
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 IMAGE_MARKER = "<image>"
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from exporter.data import VQASample
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 COLOURS = {
     "red": (220, 40, 40),

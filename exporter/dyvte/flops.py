@@ -13,35 +13,13 @@ position (prefill produces one row of logits), 2 H vocab, and optionally the rou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from engines.core.shape import ModelShape
 
 
-@dataclass(frozen=True)
-class FlopsShape:
-    """What the count needs: `DecoderShape`'s numbers plus the MLP width."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-
-    @classmethod
-    def from_decoder_shape(cls, shape, intermediate_size: int) -> "FlopsShape":
-        return cls(shape.num_layers, shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim,
-                   intermediate_size, shape.vocab_size)
-
-    @classmethod
-    def of(cls, model) -> "FlopsShape":
-        """From a `MultimodalModel` or a `TextDecoder` (its transformers config has the MLP width)."""
-        decoder = getattr(model, "decoder", model)
-        return cls.from_decoder_shape(decoder.shape, int(decoder.config.intermediate_size))
-
-
-def layer_flops(shape: FlopsShape, tokens: int) -> int:
+def layer_flops(shape: ModelShape, tokens: int) -> int:
     """One decoder layer over a `tokens`-long prefill with causal attention among those tokens."""
+    if shape.intermediate_size is None:
+        raise ValueError("counting FLOPs needs the MLP width (ModelShape.intermediate_size)")
     h, a, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     projections = tokens * 2 * h * (2 * a + 2 * kv)
     mlp = tokens * 3 * 2 * h * shape.intermediate_size
@@ -53,7 +31,7 @@ def router_flops(hidden_size: int, inner: int) -> int:
     return 2 * (2 * hidden_size * inner + inner * 2)
 
 
-def prefill_flops(shape: FlopsShape, num_text: int, num_visual: int, exit_layer: int | None = None,
+def prefill_flops(shape: ModelShape, num_text: int, num_visual: int, exit_layer: int | None = None,
                   router_inner: int = 0) -> int:
     """FLOPs of one prompt's prefill: `num_text` text and `num_visual` visual tokens, the visual
     tokens leaving after layer `exit_layer` (None, or the last layer: no exit).
@@ -75,7 +53,7 @@ def prefill_flops(shape: FlopsShape, num_text: int, num_visual: int, exit_layer:
     return total
 
 
-def flops_ratio(shape: FlopsShape, num_text: int, num_visual: int, exit_layer: int | None,
+def flops_ratio(shape: ModelShape, num_text: int, num_visual: int, exit_layer: int | None,
                 router_inner: int = 0) -> float:
     """Prefill FLOPs with the exit relative to the same prompt with no exit (and no routers)."""
     return prefill_flops(shape, num_text, num_visual, exit_layer, router_inner) / prefill_flops(

@@ -16,11 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 
 ROUTER_PREFIX = "model.visual_gates_router."
 ROUTER_INNER = 2048  # the published routers' hidden width
-KEEP, EXIT = 0, 1
 
 
 class Router(nn.Module):
@@ -71,38 +70,6 @@ def seeded_routers(num_layers: int, hidden_size: int, seed: int, inner: int = RO
         diff += 8.0 * (layer - (num_layers - 2) / 2) / inner
         r.w2.weight.data = torch.stack([-diff / 2, diff / 2])
     return routers
-
-
-def text_feature_weights(seq_len: int, visual_end: torch.Tensor, valid_end: torch.Tensor) -> torch.Tensor:
-    """Weights [B, S] that average the text after the image, the last position excluded.
-
-    `visual_end[b]` is the index just past sample b's visual tokens and `valid_end[b]` the index
-    just past its last real token (the last position is valid_end - 1). Rows sum to 1, or are all
-    zero when no text lies between the image and the last position.
-    """
-    index = torch.arange(seq_len, device=visual_end.device)[None, :]
-    inside = (index >= visual_end[:, None]) & (index < valid_end[:, None] - 1)
-    weights = inside.float()
-    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
-
-
-def router_features(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Router input [B, 2H] from hidden states [B, S, H] (real tokens end at the last position).
-
-    An empty text span (all-zero weights) means there is nothing to average: the last position
-    stands in for the mean, so the feature stays finite and well defined.
-    """
-    last = hidden[:, -1, :]
-    weights = weights.to(hidden.dtype)
-    mean = torch.einsum("bs,bsh->bh", weights, hidden)
-    empty = (weights.sum(dim=1, keepdim=True) == 0).to(hidden.dtype)
-    mean = mean + empty * last
-    return torch.cat([mean, last], dim=-1)
-
-
-def exit_decision(logits: torch.Tensor) -> torch.Tensor:
-    """True where the router says the visual tokens may leave (logit[exit] > logit[keep])."""
-    return logits[..., EXIT] > logits[..., KEEP]
 
 
 # --------------------------------------------------------------------------- files

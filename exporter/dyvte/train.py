@@ -30,9 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from exporter.data import VQASample
-from exporter.dyvte.router import EXIT, KEEP, ROUTER_INNER, Routers, router_features, save_routers, text_feature_weights
-from exporter.errors import DyVTEError
-from exporter.models.base import MultimodalModel, Prompt
+from engines.core.dyvte import (
+    EXIT, KEEP, BatchLayout, drop_visual, layout_prompts, router_features, router_weights, splice_visual,
+)
+from exporter.dyvte.router import ROUTER_INNER, Routers, save_routers
+from engines.core.errors import DyVTEError
+from engines.core.prompt import Prompt
+from exporter.models.base import MultimodalModel
 
 IGNORE = -100
 
@@ -118,83 +122,52 @@ def exit_labels(unchanged_logits: torch.Tensor, removed_logits: torch.Tensor, ta
 
 @dataclass
 class AnswerBatch:
-    """Prompts left-padded to end at column P, answers appended after P (right-padded).
+    """The runtime's prefill layout of the prompts (`engines.core.dyvte.layout_prompts`) with the
+    answers appended after column P = `prompt_len`.
 
     `targets[b, j]` is the token that position j must predict (IGNORE elsewhere): the answer slots
     are P-1 .. P-2+n. Prompt columns [0, P) are then exactly the runtime's prefill batch."""
 
-    input_ids: torch.Tensor  # [B, S], visual positions hold 0
-    key_mask: torch.Tensor  # [B, S]
-    position_ids: torch.Tensor  # [B, S]
-    visual: torch.Tensor  # [B, S] bool
+    layout: BatchLayout
     targets: torch.Tensor  # [B, S] long
-    prompt_len: int
+
+    @property
+    def prompt_len(self) -> int:
+        return self.layout.prompt_len
 
     @property
     def answer_slots(self) -> torch.Tensor:
         return self.targets != IGNORE
 
-    def visual_end(self) -> torch.Tensor:
-        """Per row, the column just past the visual span (0 when there is none)."""
-        v = self.visual[:, : self.prompt_len]
-        has = v.any(dim=1)
-        end = v.shape[1] - torch.argmax(v.flip(1).to(torch.int8), dim=1)
-        return torch.where(has, end, torch.zeros_like(end))
-
 
 def answer_batch(prompts: list[Prompt], answers: list[list[int]], targets: list[list[int]]) -> AnswerBatch:
     """Inputs prompt + answers[b]; position P-1+j must predict targets[b][j] (len(targets) <=
     len(answers) + 1: the token after the last input may be predicted too)."""
-    P = max(len(p.input_ids) for p in prompts)
-    S = P + max(1, max(len(a) for a in answers))
-    B = len(prompts)
-    ids = torch.zeros(B, S, dtype=torch.long)
-    key_mask = torch.zeros(B, S, dtype=torch.long)
-    positions = torch.zeros(B, S, dtype=torch.long)
-    visual = torch.zeros(B, S, dtype=torch.bool)
-    tgt = torch.full((B, S), IGNORE, dtype=torch.long)
-    for b, (p, a, t) in enumerate(zip(prompts, answers, targets)):
-        n, pad = len(p.input_ids), P - len(p.input_ids)
+    layout = layout_prompts(prompts, answers)
+    P = layout.prompt_len
+    tgt = torch.full(layout.input_ids.shape, IGNORE, dtype=torch.long)
+    for b, (a, t) in enumerate(zip(answers, targets)):
         if len(t) > len(a) + 1:
-            raise DyVTEError("internal: more targets than answer positions")
-        ids[b, pad:P] = torch.tensor(p.input_ids).clamp(min=0)
-        ids[b, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
-        key_mask[b, pad:P + len(a)] = 1
-        positions[b, pad:P + len(a)] = torch.arange(n + len(a))
-        if p.visual_span is not None:
-            visual[b, pad + p.visual_span[0]:pad + p.visual_span[1]] = True
-            ids[b, pad + p.visual_span[0]:pad + p.visual_span[1]] = 0
+            raise ValueError("more targets than answer positions")
         tgt[b, P - 1:P - 1 + len(t)] = torch.tensor(t, dtype=torch.long)
-    return AnswerBatch(ids, key_mask, positions, visual, tgt, P)
+    return AnswerBatch(layout, tgt)
 
 
 def embed_batch(model: MultimodalModel, batch: AnswerBatch, visual: list[torch.Tensor | None]) -> torch.Tensor:
     """Token embeddings with each row's visual embeddings [V_b, H] written over its visual span."""
-    dec = model.decoder
-    device = next(dec.parameters()).device
-    hidden = dec.embed_tokens(batch.input_ids.to(device))
-    rows = [v for v in visual if v is not None]
-    if rows:
-        mask = batch.visual.to(device)
-        hidden = hidden.masked_scatter(mask[..., None], torch.cat(rows).to(hidden.device, hidden.dtype))
-    return hidden
-
-
-def drop_visual_order(keep: torch.Tensor) -> torch.Tensor:
-    """Gather indices [B, S'] that keep the True columns of `keep` in order, left-padded."""
-    new_len = int(keep.sum(dim=1).max())
-    return torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - new_len:]
+    device = next(model.decoder.parameters()).device
+    embeds = model.decoder.embed_tokens(batch.layout.input_ids.to(device))
+    return splice_visual(embeds, batch.layout.visual, visual)
 
 
 def run_removed_branch(model: MultimodalModel, batch: AnswerBatch, hidden_k: torch.Tensor, k: int) -> tuple:
-    """Layers k+1..L-1 with the visual tokens gone; (final hidden rows at the answer slots, row ids)."""
+    """Layers k+1..L-1 after the runtime's exit at layer k (`engines.core.dyvte.drop_visual`);
+    (final hidden rows at the answer slots, their row ids, their targets)."""
     dec = model.decoder
     device = hidden_k.device
-    keep = (batch.key_mask.bool() & ~batch.visual).to(device)
-    order = drop_visual_order(keep)
-    gather = lambda t: torch.gather(t.to(device), 1, order)  # noqa: E731
-    hidden = torch.gather(hidden_k, 1, order[..., None].expand(-1, -1, hidden_k.shape[-1]))
-    key_mask, positions, targets = gather(keep.long()), gather(batch.position_ids), gather(batch.targets)
+    lay = batch.layout
+    key_mask, hidden, positions, targets = drop_visual(lay.key_mask.to(device), lay.visual, hidden_k,
+                                                       lay.position_ids.to(device), batch.targets.to(device))
     L = dec.shape.num_layers
     if k + 1 < L:
         empty = dec.empty_cache(hidden.shape[0], hidden.dtype, device)
@@ -257,8 +230,8 @@ class PreparedData:
                 hidden = embed_batch(model, batch, visual)
                 L = model.shape.num_layers
                 empty = model.decoder.empty_cache(hidden.shape[0], hidden.dtype, hidden.device)
-                hidden, _ = model.decoder.run_layers(0, L, hidden, batch.position_ids.to(hidden.device),
-                                                     batch.key_mask.to(hidden.device), [(empty, empty)] * L)
+                hidden, _ = model.decoder.run_layers(0, L, hidden, batch.layout.position_ids.to(hidden.device),
+                                                     batch.layout.key_mask.to(hidden.device), [(empty, empty)] * L)
                 slots = batch.answer_slots.to(hidden.device)
                 logits = model.decoder.logits(hidden[slots]).float().cpu()
             rows = torch.nonzero(batch.answer_slots)[:, 0]
@@ -350,10 +323,11 @@ class LayerExamples:
         hidden = embed_batch(model, batch, [data.visual_of(i) for i in rows])
         device = hidden.device
         empty = model.decoder.empty_cache(hidden.shape[0], hidden.dtype, device)
-        hidden_k, _ = model.decoder.run_layers(0, k + 1, hidden, batch.position_ids.to(device),
-                                               batch.key_mask.to(device), [(empty, empty)] * (k + 1))
-        P = batch.prompt_len
-        weights = text_feature_weights(P, batch.visual_end(), torch.full((len(rows),), P)).to(device)
+        lay = batch.layout
+        hidden_k, _ = model.decoder.run_layers(0, k + 1, hidden, lay.position_ids.to(device),
+                                               lay.key_mask.to(device), [(empty, empty)] * (k + 1))
+        P = batch.prompt_len  # the router reads the prefill columns, as the runtime's does
+        weights = router_weights(lay.visual[:, :P]).to(device)
         features = router_features(hidden_k[:, :P], weights).float().cpu()
         final, row_ids, targets = run_removed_branch(model, batch, hidden_k, k)
         pred, nll = answer_predictions(model, final, targets)
@@ -397,8 +371,9 @@ def train_routers(model: MultimodalModel, samples: list[VQASample], config: Rout
     L = shape.num_layers
     data = PreparedData(model, samples, config, "greedy answers" if config.targets == "greedy" else "answers")
     examples = LayerExamples(model, data, config)
-    torch.manual_seed(config.seed)
-    routers = Routers(L, shape.hidden_size, config.inner)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        routers = Routers(L, shape.hidden_size, config.inner)
     optimizer = torch.optim.AdamW(routers.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.epochs * per_epoch
@@ -567,7 +542,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from exporter.errors import run_cli
+    from engines.core.errors import run_cli
 
     return run_cli(run, build_parser().parse_args(argv))
 

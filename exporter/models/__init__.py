@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.dyvte.router import load_routers
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models.base import Family, MultimodalModel
 from exporter.models.eagle import Eagle
 from exporter.models.internvl import InternVL

@@ -9,42 +9,27 @@ routers. Nothing after the adapters knows a family by name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 from exporter.dyvte.router import Routers
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
 from exporter.models.decoder import TextDecoder
 
-IMAGE_PLACEHOLDER = "<image>"
+def seeded(build):
+    """A preset builder whose random weights come from its `seed` argument, without touching the
+    caller's global RNG state (torch's default generator is forked for the build)."""
+    import functools
 
+    @functools.wraps(build)
+    def wrapper(self, seed: int = 0, *args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build(self, seed, *args, **kwargs)
 
-@dataclass
-class Prompt:
-    """One prepared sample: token ids with the visual span filled by placeholder ids."""
-
-    input_ids: list[int]
-    visual_span: tuple[int, int] | None
-    pixel_values: torch.Tensor | None  # [tiles, 3, H, W]
-
-    @property
-    def num_visual(self) -> int:
-        return 0 if self.visual_span is None else self.visual_span[1] - self.visual_span[0]
-
-
-def load_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise DyVTEError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises several types for bad files
-        raise DyVTEError(f"cannot read image {path}: {exc.__class__.__name__}") from None
+    return wrapper
 
 
 class VisionEncoder(nn.Module):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError, wrap_load_errors
 
 
 def read_json(path: Path) -> dict:
@@ -80,17 +80,6 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: 
                 f"{where}: weight {key} has shape {list(got.shape)}, expected {list(value.shape)}"
             )
     module.load_state_dict({k: tensors[k] for k in own}, strict=True)
-
-
-def wrap_load_errors(what: str, fn, *args, **kwargs):
-    """Run a transformers loader and turn its failures into one-line user errors."""
-    try:
-        return fn(*args, **kwargs)
-    except DyVTEError:
-        raise
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise DyVTEError(f"cannot load {what}: {msg}") from None
 
 
 def hf_from_pretrained(cls, path: Path, what: str, dtype: torch.dtype = torch.float32, **kwargs):

@@ -8,30 +8,16 @@ exit (only the shapes differ) and what the ONNX graphs are traced from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from exporter.errors import DyVTEError
+from engines.core.errors import DyVTEError
+from engines.core.shape import ModelShape
 
 # Decoder-only LLMs whose layers follow the Llama layout (pre-norm, RoPE, GQA, gated MLP).
 SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-@dataclass(frozen=True)
-class DecoderShape:
-    """Architecture numbers the runtime needs; everything else stays inside the graphs."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_positions: int
 
 
 def attention_bias(key_mask: torch.Tensor, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
@@ -123,7 +109,7 @@ class TextDecoder(nn.Module):
         self.rotary_emb = base_model.rotary_emb
         self.lm_head = lm_head
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.shape = DecoderShape(
+        self.shape = ModelShape(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
             num_heads=config.num_attention_heads,
@@ -131,6 +117,7 @@ class TextDecoder(nn.Module):
             head_dim=head_dim,
             vocab_size=config.vocab_size,
             max_positions=config.max_position_embeddings,
+            intermediate_size=getattr(config, "intermediate_size", None),
         )
 
     def empty_cache(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -51,8 +51,8 @@ from transformers import (
 from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
-from exporter.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel
+from engines.core.errors import DyVTEError
+from exporter.models.base import Family, MultimodalModel, seeded
 from exporter.models.checkpoint import (
     load_safetensors,
     load_into,
@@ -62,8 +62,8 @@ from exporter.models.checkpoint import (
     wrap_load_errors,
 )
 from exporter.models.decoder import TextDecoder
-from exporter.models.processor import Processor, PromptSpec
-from exporter.models.templates import get_template, stop_token_ids
+from engines.core.prompt import Processor, PromptSpec
+from engines.core.templates import get_template, stop_token_ids
 from exporter.models.tokenizer import build_word_tokenizer
 from exporter.models.vila import VilaProjector
 
@@ -433,9 +433,9 @@ class Eagle(Family):
     name = "eagle"
     description = "Eagle-X4/X5 (NVlabs): mixture of vision encoders (CLIP + ConvNeXt) + mlp2x_gelu + Llama"
 
+    @seeded
     def preset(self, seed: int = 0, name: str = "tiny") -> MultimodalModel:
         p = PRESETS[name]
-        torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         tok = build_word_tokenizer()
         llm_cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

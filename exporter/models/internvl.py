@@ -37,11 +37,12 @@ from transformers import (
 )
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
-from exporter.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel
-from exporter.models.checkpoint import hf_from_pretrained, read_json, require_dir, wrap_load_errors
+from engines.core.errors import DyVTEError
+from exporter.models.base import Family, MultimodalModel, seeded
+from engines.core.errors import wrap_load_errors
+from exporter.models.checkpoint import hf_from_pretrained, read_json, require_dir
 from exporter.models.decoder import SUPPORTED_TEXT_MODEL_TYPES, TextDecoder
-from exporter.models.processor import Processor, PromptSpec
+from engines.core.prompt import Processor, PromptSpec
 from exporter.models.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 
 # What InternVLProcessor reads from the tokenizer, with the published tokens as fallbacks.
@@ -274,11 +275,11 @@ class InternVL(Family):
     name = "internvl"
     description = "InternVL2/2.5/3 (Hugging Face layout): InternViT + pixel shuffle + MLP projector + Qwen2/Llama"
 
+    @seeded
     def preset(self, seed: int = 0, name: str = "tiny") -> MultimodalModel:
         if name not in PRESETS:
             raise DyVTEError(f"unknown InternVL preset {name!r}; choose from {', '.join(PRESETS)}")
         p = PRESETS[name]
-        torch.manual_seed(seed)
         tok = preset_tokenizer()
         special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         text_config = TEXT_CONFIGS[p["text_model_type"]](vocab_size=len(tok), tie_word_embeddings=False,

@@ -35,8 +35,9 @@ from transformers import (
 )
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
-from exporter.errors import DyVTEError
-from exporter.models.base import IMAGE_PLACEHOLDER, Family, MultimodalModel
+from engines.core.errors import DyVTEError, wrap_load_errors
+from engines.core.prompt import IMAGE_PLACEHOLDER
+from exporter.models.base import Family, MultimodalModel, seeded
 from exporter.models.checkpoint import (
     hf_from_pretrained,
     load_into,
@@ -44,11 +45,10 @@ from exporter.models.checkpoint import (
     read_json,
     require_dir,
     weight_files,
-    wrap_load_errors,
 )
 from exporter.models.decoder import TextDecoder
-from exporter.models.processor import Processor, PromptSpec
-from exporter.models.templates import get_template, stop_token_ids
+from engines.core.prompt import Processor, PromptSpec
+from engines.core.templates import get_template, stop_token_ids
 from exporter.models.tokenizer import build_word_tokenizer
 
 LLAVA_IMAGE_TOKEN_INDEX = -200  # the original code base splices this id where the visual tokens go
@@ -349,9 +349,9 @@ class Llava(Family):
 
     # ------------------------------------------------------------------ preset
 
+    @seeded
     def preset(self, seed: int = 0, name: str = "tiny") -> MultimodalModel:
         p = PRESETS[name]
-        torch.manual_seed(seed)
         tok = build_word_tokenizer()
         # a preset may give a larger vocabulary than the word tokenizer's (real shapes)
         text = LlamaConfig(**{"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,

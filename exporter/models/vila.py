@@ -28,9 +28,9 @@ from transformers import (
 )
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
-from exporter.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel
-from exporter.models.processor import Processor, PromptSpec
+from engines.core.errors import DyVTEError
+from exporter.models.base import Family, MultimodalModel, seeded
+from engines.core.prompt import Processor, PromptSpec
 from exporter.models.checkpoint import (
     hf_from_pretrained,
     load_into,
@@ -40,7 +40,7 @@ from exporter.models.checkpoint import (
     wrap_load_errors,
 )
 from exporter.models.decoder import TextDecoder
-from exporter.models.templates import get_template, guess_template, stop_token_ids
+from engines.core.templates import get_template, guess_template, stop_token_ids
 from exporter.models.tokenizer import build_word_tokenizer
 
 VILA_IMAGE_TOKEN_INDEX = -200  # VILA/LLaVA splice this id where the visual tokens go
@@ -230,9 +230,9 @@ class Vila(Family):
     name = "vila"
     description = "VILA1.5 (NVlabs): SigLIP + 2x2 down-sampling projector + Llama/Qwen2"
 
+    @seeded
     def preset(self, seed: int = 0, name: str = "tiny") -> MultimodalModel:
         p = PRESETS[name]
-        torch.manual_seed(seed)
         template = p.get("template", "vicuna_v1")
         tok = build_word_tokenizer(extra_special=["<|im_start|>", "<|im_end|>"] if template == "hermes_2" else None)
         llm_cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.errors import DyVTEError
-from exporter.models.base import IMAGE_PLACEHOLDER
+from engines.core.errors import DyVTEError
+from engines.core.prompt import IMAGE_PLACEHOLDER
 
 
 @dataclass(frozen=True)

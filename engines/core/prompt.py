@@ -1,4 +1,4 @@
-"""Prompt building and image preprocessing, as data that a package can carry.
+"""Prompts: building them and preprocessing images, as data that a package can carry.
 
 A `Processor` is a tokenizer, a transformers image processor and a `PromptSpec`: plain fields that
 say how the family's template is rendered and how the image placeholder becomes visual positions.
@@ -14,9 +14,33 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from exporter.errors import DyVTEError
-from exporter.models.base import IMAGE_PLACEHOLDER, Prompt
-from exporter.models.checkpoint import wrap_load_errors
+from engines.core.errors import DyVTEError, wrap_load_errors
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Prompt:
+    """One prepared sample: token ids with the visual span filled by placeholder ids."""
+
+    input_ids: list[int]
+    visual_span: tuple[int, int] | None
+    pixel_values: torch.Tensor | None  # [tiles, 3, H, W]
+
+    @property
+    def num_visual(self) -> int:
+        return 0 if self.visual_span is None else self.visual_span[1] - self.visual_span[0]
+
+
+def load_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise DyVTEError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises several types for bad files
+        raise DyVTEError(f"cannot read image {path}: {exc.__class__.__name__}") from None
 
 
 @dataclass
@@ -84,7 +108,7 @@ class Processor:
     def render(self, question: str, has_image: bool) -> str:
         spec = self.spec
         if spec.template.startswith("conversation:"):
-            from exporter.models.templates import get_template
+            from engines.core.templates import get_template
 
             text = get_template(spec.template.split(":", 1)[1]).render(question, has_image)
             return text.replace(IMAGE_PLACEHOLDER, spec.image_marker)

@@ -21,3 +21,15 @@ def run_cli(handler, args, interrupted: str = "interrupted") -> int:
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+
+
+def wrap_load_errors(what: str, fn, *args, **kwargs):
+    """Run a third-party loader (transformers, safetensors) and turn its failures into one-line
+    user errors naming `what`; the original exception stays attached as the cause."""
+    try:
+        return fn(*args, **kwargs)
+    except DyVTEError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DyVTEError(f"cannot load {what}: {msg}") from exc
