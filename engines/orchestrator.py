@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from engines.backends.base import Backend
+from engines.kv_cache import KVCache
 from engines.policy import ExitPolicy, GenerationConfig, TokenSampler
 from engines.core.dyvte import drop_visual, exit_decision, layout_prompts, router_weights, splice_visual
 from engines.core.errors import DyVTEError
@@ -89,28 +90,55 @@ class Runtime:
         them (with policy `none`)."""
         policy = ExitPolicy.parse(policy) if isinstance(policy, str) else policy
         config = config or GenerationConfig()
-        self._check(prompts, policy, config)
+        self.check(prompts, policy, config.max_new_tokens)
         results = [Generation(list(p.input_ids), p.visual_span) for p in prompts]
         t0 = time.perf_counter()
-        visual = self._encode_images(prompts, observe)
-        t1 = time.perf_counter()
-        cohorts, first_logits = self._prefill(prompts, visual, policy, results, observe, probe_routers)
+        batch = self.prefill(prompts, policy, results, observe, probe_routers, reserve=config.max_new_tokens)
         t2 = time.perf_counter()
-        self._decode(cohorts, first_logits, prompts, config, results, on_token)
+        self._decode(batch, config, results, on_token)
         t3 = time.perf_counter()
         for r in results:
             r.text = self.processor.decode(r.generated_ids)
             r.timings_ms = {
-                "vision": 1e3 * (t1 - t0),
-                "prefill": 1e3 * (t2 - t1),
+                "vision": 1e3 * batch.vision_seconds,
+                "prefill": 1e3 * (t2 - t0 - batch.vision_seconds),
                 "decode": 1e3 * (t3 - t2),
                 "total": 1e3 * (t3 - t0),
             }
         return results
 
+    @torch.no_grad()
+    def prefill(self, prompts: list[Prompt], policy: ExitPolicy, results: list[Generation], observe=None,
+                probe: bool = False, reserve: int = 1) -> "Prefilled":
+        """Vision, then the decoder segment by segment with each sample exiting at its own layer;
+        returns the batch's KV cache (with `reserve` free slots) and its last-position logits.
+        Exit layers and router logits are written into `results`."""
+        t0 = time.perf_counter()
+        visual = self._encode_images(prompts, observe)
+        vision_seconds = time.perf_counter() - t0
+        cohorts, logits = self._prefill(prompts, visual, policy, results, observe, probe)
+        rows = self._cache_rows(cohorts, len(prompts))
+        cache = KVCache.from_rows(rows, list(self.backend.segments), reserve, self.backend.shape.max_positions - 1)
+        positions = torch.tensor([len(p.input_ids) for p in prompts], device=self.backend.device)
+        return Prefilled(cache, positions, logits, vision_seconds)
+
+    @torch.no_grad()
+    def decode_step(self, cache: KVCache, tokens: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """One token for every row of `cache` (written into it); returns the logits [B, vocab].
+        Every segment gets its own key mask: its layers' caches are as long as its rows' exits
+        made them."""
+        b = self.backend
+        ids = torch.tensor(tokens, device=b.device)[:, None]
+        masks, past = cache.step_inputs()
+        logits, new = b.decode_step(ids, positions[:, None], masks, past)
+        cache.append(new)
+        return logits[:, -1]
+
     # ------------------------------------------------------------------ checks
 
-    def _check(self, prompts: list[Prompt], policy: ExitPolicy, config: GenerationConfig) -> None:
+    def check(self, prompts: list[Prompt], policy: ExitPolicy, max_new_tokens: int) -> None:
+        """Refuse (DyVTEError) what this backend cannot run: no prompts, a dynamic policy without
+        routers, a static exit where no segment ends, a prompt too long for the context."""
         b = self.backend
         if not prompts:
             raise DyVTEError("nothing to generate: no prompts given")
@@ -127,9 +155,9 @@ class Runtime:
                 )
         limit = b.shape.max_positions
         for i, p in enumerate(prompts):
-            if len(p.input_ids) + config.max_new_tokens > limit:
+            if len(p.input_ids) + max_new_tokens > limit:
                 raise DyVTEError(
-                    f"prompt {i} has {len(p.input_ids)} tokens (with the image); with {config.max_new_tokens} "
+                    f"prompt {i} has {len(p.input_ids)} tokens (with the image); with {max_new_tokens} "
                     f"new tokens it exceeds the model's context of {limit} positions"
                 )
 
@@ -218,37 +246,25 @@ class Runtime:
         go, stay = torch.nonzero(leave).flatten(), torch.nonzero(~leave).flatten()
         return [c.select(go).drop_visual(), c.select(stay)]
 
-    def _merge_caches(self, cohorts: list[Cohort], batch: int):
-        """Per-layer caches of the whole batch, each layer left-padded to its longest sample."""
-        if len(cohorts) == 1 and torch.equal(cohorts[0].rows, torch.arange(batch)):
-            return [list(t) for t in cohorts[0].caches]
-        merged = []
-        for layer in range(self.backend.shape.num_layers):
-            parts = [(c.rows, *c.caches[layer]) for c in cohorts]
-            longest = max(k.shape[2] for _, k, _, _ in parts)
-            k0, m0 = parts[0][1], parts[0][3]
-            keys = k0.new_zeros(batch, k0.shape[1], longest, k0.shape[3])
-            values = torch.zeros_like(keys)
-            mask = m0.new_zeros(batch, longest)
-            for rows, k, v, m in parts:
-                rows = rows.to(keys.device)
-                n = k.shape[2]
-                keys[rows, :, longest - n:] = k
-                values[rows, :, longest - n:] = v
-                mask[rows, longest - n:] = m
-            merged.append([keys, values, mask])
-        return merged
+    @staticmethod
+    def _cache_rows(cohorts: list[Cohort], batch: int):
+        """Per sample, per layer, the (keys [KV, T, D], values) of its real tokens, from the
+        cohorts' prefill caches (left-padded, so a sample's tokens are the last n of its row)."""
+        rows: list[list] = [[] for _ in range(batch)]
+        for c in cohorts:
+            for j, row in enumerate(c.rows.tolist()):
+                for k, v, mask in c.caches:
+                    n = int(mask[j].sum())
+                    rows[row].append((k[j, :, k.shape[2] - n:], v[j, :, v.shape[2] - n:]))
+        return rows
 
-    def _decode(self, cohorts, first_logits, prompts, config, results, on_token) -> None:
-        b = self.backend
-        batch = len(prompts)
-        sampler = TokenSampler(config, batch)
-        stop = set(getattr(self.processor, "eos_token_ids", None) or [])
-        tokens = sampler(first_logits)
-        done = [False] * batch
-        logits = first_logits
-        next_pos = torch.tensor([len(p.input_ids) for p in prompts], device=b.device)
-        caches = None
+    def _decode(self, batch: "Prefilled", config, results, on_token) -> None:
+        sampler = TokenSampler(config, len(results))
+        stop = set(self.processor.eos_token_ids or [])
+        logits = batch.logits
+        tokens = sampler(logits)
+        done = [False] * len(results)
+        positions = batch.positions
         for step in range(config.max_new_tokens):
             for i, t in enumerate(tokens):
                 if done[i]:
@@ -263,24 +279,20 @@ class Runtime:
                     on_token(i, t)
             if all(done) or step == config.max_new_tokens - 1:
                 break
-            if caches is None:
-                caches = self._merge_caches(cohorts, batch)
-            logits = self._decode_step(tokens, next_pos, caches)
-            next_pos = next_pos + 1
+            logits = self.decode_step(batch.cache, tokens, positions)
+            positions = positions + 1
             tokens = sampler(logits)
 
-    def _decode_step(self, tokens: list[int], positions: torch.Tensor, caches) -> torch.Tensor:
-        """One token for the whole batch; every segment gets its own key mask (its layers' caches
-        are as long as its samples' exits made them)."""
-        b = self.backend
-        ids = torch.tensor(tokens, device=b.device)[:, None]
-        ones = torch.ones(len(tokens), 1, dtype=caches[0][2].dtype, device=b.device)
-        masks = [torch.cat([caches[start][2], ones], dim=1) for start, _ in b.segments]
-        logits, presents = b.decode_step(ids, positions[:, None], masks, [(c[0], c[1]) for c in caches])
-        for mask, (start, end) in zip(masks, b.segments):
-            for layer in range(start, end):
-                caches[layer] = [*presents[layer], mask]
-        return logits[:, -1]
+
+@dataclass
+class Prefilled:
+    """A prefilled batch, ready to decode: its cache, each row's next position id, the last
+    position's logits [B, vocab] (float32, CPU)."""
+
+    cache: KVCache
+    positions: torch.Tensor
+    logits: torch.Tensor
+    vision_seconds: float = 0.0
 
 
 def _ranges(values: list[int]) -> str:

@@ -125,8 +125,8 @@ def segment_spec(shape, graph: SegmentGraph, start: int) -> GraphSpec:
     hid, kv = shape.hidden_size, (shape.num_kv_heads, shape.head_dim)
     past = [TensorSpec(name, "float", ("batch", kv[0], "past_seq", kv[1]))
             for layer in range(start, end) for name in NAMES.past(layer)]
-    present = [TensorSpec(name, "float", ("batch", kv[0], "total_seq", kv[1]))
-               for layer in range(start, end) for name in NAMES.new(layer)]
+    new_kv = [TensorSpec(name, "float", ("batch", kv[0], "seq", kv[1]))
+              for layer in range(start, end) for name in NAMES.new(layer)]
 
     def example(dt):
         return (
@@ -141,7 +141,7 @@ def segment_spec(shape, graph: SegmentGraph, start: int) -> GraphSpec:
         [TensorSpec(NAMES.hidden_in, "float", ("batch", "seq", hid)),
          TensorSpec(NAMES.position_ids, "int64", ("batch", "seq")),
          TensorSpec(NAMES.attention_mask, "int64", ("batch", "total_seq")), *past],
-        [TensorSpec(NAMES.hidden_out, "float", ("batch", "seq", hid)), *present],
+        [TensorSpec(NAMES.hidden_out, "float", ("batch", "seq", hid)), *new_kv],
         example, layers=(start, end), nested=list(range(3, 3 + 2 * n)),
     )
 
@@ -192,8 +192,9 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
 
 
 class MonolithicGraph(nn.Module):
-    """Every decoder layer, the final norm and the LM head (last position) in one graph: the shape
-    of a conventional decoder-with-past export, used as the benchmark's baseline."""
+    """Every decoder layer, the final norm and the LM head (last position) in one graph, returning
+    each layer's full cache (`present` = past + new): the shape of a conventional decoder-with-past
+    export such as optimum-onnx's, used as the benchmark's baseline."""
 
     def __init__(self, model: MultimodalModel):
         super().__init__()
@@ -201,9 +202,10 @@ class MonolithicGraph(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, attention_mask, past):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(self.decoder.layers))]
-        hidden, presents = run_layers(self.decoder.layers, self.decoder.rotary_emb, inputs_embeds, position_ids,
-                                      attention_mask, pairs)
-        return (self.decoder.logits(hidden[:, -1:, :]), *[t for kv in presents for t in kv])
+        hidden, new = run_layers(self.decoder.layers, self.decoder.rotary_emb, inputs_embeds, position_ids,
+                                 attention_mask, pairs)
+        presents = [torch.cat([p, n], dim=2) for (pk, pv), (nk, nv) in zip(pairs, new) for p, n in ((pk, nk), (pv, nv))]
+        return (self.decoder.logits(hidden[:, -1:, :]), *presents)
 
 
 def monolithic_spec(model: MultimodalModel) -> GraphSpec:
@@ -212,4 +214,7 @@ def monolithic_spec(model: MultimodalModel) -> GraphSpec:
     spec.name, spec.role, spec.module = "monolithic", "monolithic", MonolithicGraph(model)
     spec.inputs[0] = TensorSpec(NAMES.inputs_embeds, "float", ("batch", "seq", s.hidden_size))
     spec.outputs[0] = TensorSpec(NAMES.logits, "float", ("batch", 1, s.vocab_size))
+    kv = (s.num_kv_heads, s.head_dim)
+    spec.outputs[1:] = [TensorSpec(f"present.{layer}.{t}", "float", ("batch", kv[0], "total_seq", kv[1]))
+                        for layer in range(s.num_layers) for t in ("key", "value")]
     return spec

@@ -163,7 +163,7 @@ def test_axes_are_dynamic_and_named(vila_package):
     assert dims["attention_mask"] == ["batch", "total_seq"]
     assert dims["past.1.key"] == ["batch", 2, "past_seq", 16]
     outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
-    assert outs["present.1.value"] == ["batch", 2, "total_seq", 16]
+    assert outs["new.1.value"] == ["batch", 2, "seq", 16]  # the new tokens only: the runtime owns the cache
 
 
 def test_lint_flags_what_tensorrt_rejects():

@@ -7,8 +7,6 @@ they live on (CPU here; CUDA with the CUDA/TensorRT execution providers).
 
 from __future__ import annotations
 
-import threading
-from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +50,6 @@ class OnnxRuntimeBackend(PackageBackend):
         # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.sessions = {}
-        self._local = threading.local()
         for graph in manifest.graphs:
             path = self.graph_path(graph)
             try:
@@ -65,27 +62,8 @@ class OnnxRuntimeBackend(PackageBackend):
 
     # ------------------------------------------------------------------ binding
 
-    def _kv_buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """An output tensor for a decode step's `present.*` cache, from two buffers per name used in
-        turn: step t writes into the one step t-2 wrote (dead by then: step t-1 read it and wrote
-        the other). A fresh 60 MB allocation per token costs its page faults on every step; the
-        monolithic graph gets its outputs from ONNX Runtime's arena. Per thread, so concurrent
-        generations never share a buffer."""
-        pools = self._local.__dict__.setdefault("kv", {})
-        slot = pools.setdefault(name, [[None, None], 0])
-        buffers, turn = slot
-        numel = prod(shape)
-        buf = buffers[turn]
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = buffers[turn] = torch.empty(numel + numel // 4, dtype=dtype, device=self.device)  # room to grow
-        slot[1] = 1 - turn
-        return buf[:numel].view(shape)
-
-    def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple],
-             reuse=()) -> list[torch.Tensor]:
-        """Run graph `name`; outputs named in `reuse` go to `_kv_buffer`s (decode only: their
-        previous contents must be dead)."""
-        reuse = {x for pair in reuse for x in (pair if isinstance(pair, tuple) else (pair,))}
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple]) -> list[torch.Tensor]:
+        """Run graph `name` with inputs bound in place and outputs written into new torch tensors."""
         session = self.sessions[name]
         binding = session.io_binding()
         keep = []
@@ -96,10 +74,7 @@ class OnnxRuntimeBackend(PackageBackend):
                                tensor.data_ptr())
         results = []
         for key, (shape, dtype) in outputs.items():
-            if key in reuse:
-                out = self._kv_buffer(key, shape, dtype)
-            else:
-                out = torch.empty(shape, dtype=dtype, device=self.device)
+            out = torch.empty(shape, dtype=dtype, device=self.device)
             results.append(out)
             binding.bind_output(key, self._ort_device, 0, NUMPY_DTYPES[dtype], list(shape), out.data_ptr())
         session.run_with_iobinding(binding)
@@ -128,8 +103,7 @@ class OnnxRuntimeBackend(PackageBackend):
         inputs = {n.hidden_in: hidden.to(self.dtype), n.position_ids: position_ids.to(torch.int64),
                   n.attention_mask: key_mask.to(torch.int64)}
         outputs = {n.hidden_out: ((b, s, h), self.dtype)}
-        total = key_mask.shape[1]
-        kv_shape = (b, self.shape.num_kv_heads, total, self.shape.head_dim)
+        kv_shape = (b, self.shape.num_kv_heads, s, self.shape.head_dim)  # the new tokens' keys/values
         for layer, kv in zip(range(start, end), past):
             inputs.update(zip(n.past(layer), kv))
             outputs.update((name, (kv_shape, self.dtype)) for name in n.new(layer))
@@ -144,14 +118,13 @@ class OnnxRuntimeBackend(PackageBackend):
         b = input_ids.shape[0]
         inputs = {n.input_ids: input_ids.to(torch.int64), n.position_ids: position_ids.to(torch.int64)}
         outputs = {n.logits: ((b, 1, self.shape.vocab_size), self.dtype)}
-        kv = (self.shape.num_kv_heads, self.shape.head_dim)
+        shape = (b, self.shape.num_kv_heads, 1, self.shape.head_dim)  # the new token's keys/values
         for i, (start, end) in enumerate(self.segments):
             inputs[n.mask(i)] = masks[i].to(torch.int64)
-            shape = (b, kv[0], masks[i].shape[1], kv[1])
             for layer in range(start, end):
                 inputs.update(zip(n.past(layer), past[layer]))
                 outputs.update((name, (shape, self.dtype)) for name in n.new(layer))
-        out = self._run("decode", inputs, outputs, reuse=tuple(n.new(l) for l in range(self.shape.num_layers)))
+        out = self._run("decode", inputs, outputs)
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.shape.num_layers)]
 
     def router_logits(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,8 @@ class TensorNames:
     attention_mask: str = "attention_mask"
     past_key: str = "past.{layer}.key"
     past_value: str = "past.{layer}.value"
-    new_key: str = "present.{layer}.key"
-    new_value: str = "present.{layer}.value"
+    new_key: str = "new.{layer}.key"  # the new tokens' keys/values only: the runtime owns the cache
+    new_value: str = "new.{layer}.value"
     segment_mask: str = "attention_mask.{segment}"
     text_weights: str = "text_weights"
     router_layer: str = "layer"

@@ -2,14 +2,13 @@
 
 The weights stay in the transformers modules (Llama, Qwen2, ... layers); only the attention step
 is re-expressed so that past keys/values, position ids and the key mask are plain inputs and the
-new keys/values plain outputs. That is what lets one layer serve before and after the visual-token
+new tokens' keys/values plain outputs (the cache itself is the runtime's, written in place). That is what lets one layer serve before and after the visual-token
 exit (only the shapes differ) and what the ONNX graphs are traced from.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -36,6 +35,26 @@ def attention_bias(key_mask: torch.Tensor, num_queries: int, dtype: torch.dtype)
     return torch.where(allowed, zero, blocked)[:, None, :, :]
 
 
+def attend(q: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, key: torch.Tensor,
+           value: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of queries [B, H, S, D] over the cache [B, KV, P, D] and the new keys [B, KV, S, D]
+    without concatenating them: the scores of both parts are joined (they are small), one softmax,
+    then each part's values are read once. A decode step thus reads the cache and writes nothing of
+    its size; grouped-query heads share their key head by grouping the queries, not by copying keys.
+    `bias` [B, 1, S, P + S] is the additive mask (padding, causality by cache index)."""
+    batch, heads, seq, dim = q.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = q.reshape(batch, kv_heads, groups * seq, dim)
+    scores = torch.cat([q @ past_key.transpose(-1, -2), q @ key.transpose(-1, -2)], dim=-1) * scale
+    total = scores.shape[-1]
+    bias = bias.expand(batch, groups, seq, total).reshape(batch, 1, groups * seq, total)
+    probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
+    past_len = past_key.shape[2]
+    out = probs[..., :past_len] @ past_value + probs[..., past_len:] @ value
+    return out.reshape(batch, heads, seq, dim)
+
+
 def layer_forward(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -45,7 +64,8 @@ def layer_forward(
     past_key: torch.Tensor,
     past_value: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decoder layer: returns the new hidden states and this layer's full key/value cache."""
+    """One decoder layer: returns the new hidden states and the new tokens' keys/values (the
+    caller keeps the cache: `past` + these, in its own buffers)."""
     attn = layer.self_attn
     batch, seq, _ = hidden.shape
     residual = hidden
@@ -56,19 +76,10 @@ def layer_forward(
     if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    key = torch.cat([past_key, k], dim=2)
-    value = torch.cat([past_value, v], dim=2)
-    groups = q.shape[1] // key.shape[1]
-    out = F.scaled_dot_product_attention(
-        q,
-        key.repeat_interleave(groups, dim=1),
-        value.repeat_interleave(groups, dim=1),
-        attn_mask=bias,
-        scale=attn.scaling,
-    )
+    out = attend(q, past_key, past_value, k, v, bias, attn.scaling)
     hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return hidden, key, value
+    return hidden, k, v
 
 
 def run_layers(
@@ -79,7 +90,8 @@ def run_layers(
     key_mask: torch.Tensor,
     past: list[tuple[torch.Tensor, torch.Tensor]],
 ):
-    """Consecutive decoder layers on one mode's tensors; `key_mask` covers past + new tokens."""
+    """Consecutive decoder layers on one mode's tensors; `key_mask` covers past + new tokens.
+    Returns the hidden states and, per layer, the new tokens' (keys, values)."""
     cos, sin = rotary(hidden, position_ids)
     bias = attention_bias(key_mask, hidden.shape[1], hidden.dtype)
     presents = []
