@@ -84,7 +84,7 @@ class KVCache:
         for start, end in ranges:
             lengths = [r[start][0].shape[1] for r in rows]
             length = max(lengths)
-            keys, values, mask = _alloc(len(rows), end - start, rows[0][start][0][None], 
+            keys, values, mask = _alloc(len(rows), end - start, rows[0][start][0][None],
                                         _capacity(length, reserve, limit))
             for b, (row, n) in enumerate(zip(rows, lengths)):
                 for i, layer in enumerate(range(start, end)):
@@ -107,14 +107,15 @@ class KVCache:
             out.append(row)
         return out
 
-    def repack(self, keep: list[int] | torch.Tensor | None = None, add: "KVCache | None" = None,
+    def repack(self, keep: list[int] | None = None, add: "KVCache | None" = None, add_keep: list[int] | None = None,
                reserve: int = 1) -> "KVCache":
-        """The cache of rows `keep` of this one followed by every row of `add`, each segment
-        left-padded to its longest row again (the only copy of cached keys/values)."""
-        rows = self.rows(keep) + (add.rows() if add is not None else [])
+        """The cache of rows `keep` of this one (all when None) followed by rows `add_keep` of
+        `add` (all when None), each segment left-padded to its longest row again: the one place
+        cached keys/values are copied."""
+        rows = self.rows(keep) + (add.rows(add_keep) if add is not None else [])
         if not rows:
             raise ValueError("a KV cache needs at least one row")
-        return KVCache.from_rows([[kv for kv in r] for r in rows], self.ranges, reserve, self.limit)
+        return KVCache.from_rows(rows, self.ranges, reserve, self.limit)
 
     # ------------------------------------------------------------------ one decode step
 

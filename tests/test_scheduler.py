@@ -1,0 +1,139 @@
+"""In-flight batching: requests that arrive while others decode join the running batch, and every
+request still gets exactly what it gets alone (tokens and exit layer), greedy or sampled."""
+
+import pytest
+import torch
+
+from conftest import TARGET_EXITS, sample_prompts
+from engines.backends.torch_backend import TorchBackend
+from engines.core.errors import DyVTEError
+from engines.orchestrator import Runtime
+from engines.policy import GenerationConfig
+from engines.scheduler import QueueFull, SamplingParams, Scheduler
+
+MAX_TOKENS = [6, 3, 8, 5, 7, 4]
+
+
+@pytest.fixture(scope="module")
+def runtime(vila_exit_model):
+    return Runtime(TorchBackend(vila_exit_model), vila_exit_model.processor)
+
+
+@pytest.fixture(scope="module")
+def prompts(runtime):
+    return sample_prompts(runtime) + [runtime.prepare("how many stars are there?")]  # one without an image
+
+
+def solo(runtime, prompt, params: SamplingParams):
+    (r,) = runtime.generate([prompt], "dynamic", params.generation_config())
+    return r.generated_ids, r.exit_layer
+
+
+@pytest.fixture
+def scheduler(runtime):
+    s = Scheduler(runtime, max_batch=4, max_queue=8).start()
+    yield s
+    s.stop()
+
+
+def test_requests_arriving_during_decode_join_and_equal_their_solo_runs(runtime, prompts, scheduler):
+    params = [SamplingParams(max_tokens=MAX_TOKENS[i % 6], temperature=0.7 if i % 3 == 2 else 0.0, seed=i)
+              for i in range(len(prompts))]
+    first = [scheduler.submit(prompts[i], params[i]) for i in range(2)]
+    events = iter(first[0])
+    assert next(events).kind == "token"  # request 0 is decoding now
+    later = [scheduler.submit(prompts[i], params[i]) for i in range(2, len(prompts))]
+    results = [r.result() for r in first + later]
+    for i, (prompt, p, result) in enumerate(zip(prompts, params, results)):
+        tokens, exit_layer = solo(runtime, prompt, p)
+        assert result.token_ids == tokens, f"request {i}"
+        assert result.exit_layer == exit_layer, f"request {i}"
+        assert result.finish_reason in ("length", "stop")
+    assert [r.exit_layer for r in results[:6]] == TARGET_EXITS
+    assert results[2].visual_tokens_dropped == 0 and results[0].visual_tokens_dropped == prompts[0].num_visual
+    assert max(scheduler.stats["batch_sizes"]) > 1  # they really ran together
+    assert scheduler.stats["prefills"] < len(prompts)  # and some were prefilled together
+
+
+def test_streamed_text_adds_up_to_the_answer_and_timings_are_reported(runtime, prompts, scheduler):
+    request = scheduler.submit(prompts[0], SamplingParams(max_tokens=5))
+    events = list(request)
+    assert [e.kind for e in events][-1] == "done"
+    result = events[-1].result
+    assert "".join(e.text for e in events[:-1]) == result.text == runtime.processor.decode(result.token_ids)
+    assert set(result.timings_ms) == {"queue", "prefill", "first_token", "decode", "total"}
+    assert result.timings_ms["total"] >= result.timings_ms["first_token"] > 0
+
+
+def test_stop_string_ends_the_answer_before_it(runtime, prompts, scheduler):
+    full = scheduler.submit(prompts[3], SamplingParams(max_tokens=8)).result()
+    words = full.text.split()
+    assert len(words) >= 2, full.text
+    stop = words[1]
+    cut = scheduler.submit(prompts[3], SamplingParams(max_tokens=8, stop=(stop,))).result()
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.find(stop)]
+
+
+def test_a_failing_request_fails_alone(runtime, prompts, scheduler):
+    bad = runtime.prepare("what color is the circle?", None)
+    good = prompts[1]
+    broken = type(good)(list(good.input_ids), good.visual_span, torch.cat([good.pixel_values] * 2))  # 2 tiles
+    requests = [scheduler.submit(p, SamplingParams(max_tokens=3)) for p in (good, broken, bad)]
+    assert requests[0].result().token_ids == solo(runtime, good, SamplingParams(max_tokens=3))[0]
+    with pytest.raises(DyVTEError, match="visual tokens"):
+        requests[1].result()
+    assert requests[2].result().token_ids
+
+
+def test_full_queue_and_impossible_requests_are_refused_at_submit(runtime, prompts):
+    s = Scheduler(runtime, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    s.submit(prompts[0], SamplingParams(max_tokens=2))
+    s.submit(prompts[1], SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFull, match="queue is full"):
+        s.submit(prompts[2], SamplingParams(max_tokens=2))
+    with pytest.raises(DyVTEError, match="exceeds the model's context"):
+        s.submit(prompts[0], SamplingParams(max_tokens=10_000))
+    with pytest.raises(DyVTEError, match="temperature"):
+        SamplingParams(temperature=float("nan"))
+    s.stop()
+
+
+def test_cancelled_request_leaves_the_batch(runtime, prompts, scheduler):
+    long = scheduler.submit(prompts[0], SamplingParams(max_tokens=40))
+    other = scheduler.submit(prompts[1], SamplingParams(max_tokens=6))
+    next(iter(long))
+    long.cancel()
+    events = list(long)
+    assert events[-1].kind == "done" and events[-1].result.finish_reason == "cancelled"
+    assert len(events[-1].result.token_ids) < 40
+    assert other.result().token_ids == solo(runtime, prompts[1], SamplingParams(max_tokens=6))[0]
+
+
+def test_one_at_a_time_mode_gives_the_same_answers(runtime, prompts):
+    s = Scheduler(runtime, max_batch=8, batching=False).start()
+    try:
+        reqs = [s.submit(p, SamplingParams(max_tokens=4)) for p in prompts[:3]]
+        got = [r.result().token_ids for r in reqs]
+    finally:
+        s.stop()
+    assert got == [solo(runtime, p, SamplingParams(max_tokens=4))[0] for p in prompts[:3]]
+    assert max(s.stats["batch_sizes"]) == 1
+
+
+def test_onnxruntime_package_batches_in_flight_like_its_solo_runs(vila_package, prompts):
+    from engines.load import open_package
+
+    runtime = open_package(vila_package)
+    s = Scheduler(runtime, max_batch=4).start()
+    try:
+        first = s.submit(prompts[0], SamplingParams(max_tokens=6))
+        next(iter(first))
+        rest = [s.submit(p, SamplingParams(max_tokens=MAX_TOKENS[i])) for i, p in enumerate(prompts[1:6], 1)]
+        results = [first.result()] + [r.result() for r in rest]
+    finally:
+        s.stop()
+    for i, result in enumerate(results):
+        tokens, exit_layer = solo(runtime, prompts[i], SamplingParams(max_tokens=MAX_TOKENS[i]))
+        assert (result.token_ids, result.exit_layer) == (tokens, exit_layer), f"request {i}"
+    assert max(s.stats["batch_sizes"]) > 1
