@@ -8,7 +8,6 @@ from conftest import TARGET_EXITS, sample_prompts
 from engines.backends.torch_backend import TorchBackend
 from engines.core.errors import DyVTEError
 from engines.orchestrator import Runtime
-from engines.policy import GenerationConfig
 from engines.scheduler import QueueFull, SamplingParams, Scheduler
 
 MAX_TOKENS = [6, 3, 8, 5, 7, 4]
