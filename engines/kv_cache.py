@@ -38,9 +38,6 @@ class SegmentCache:
     def batch(self) -> int:
         return self.mask.shape[0]
 
-    def row_lengths(self) -> torch.Tensor:
-        return self.mask[:, : self.length].sum(dim=1)
-
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

@@ -137,12 +137,10 @@ class SegmentTemplates:
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
         self.cache: dict[int, tuple[onnx.ModelProto, dict] | None] = {}
-        self.traced = 0
 
     def build(self, spec: GraphSpec, shape, store: "WeightStore") -> onnx.ModelProto:
         n = spec.layers[1] - spec.layers[0]
         if n not in self.cache:
-            self.traced += 1
             template_spec = template_spec_for(spec, shape, self.dtype)
             model = trace(template_spec, self.dtype)
             mapping = _map_initializers(model, template_spec.module)
@@ -154,7 +152,6 @@ class SegmentTemplates:
                 model.graph.initializer.extend(keep)
                 self.cache[n] = (model, mapping)
         if self.cache[n] is None:
-            self.traced += 1
             return export_graph(spec, self.dtype, store)
         template, mapping = self.cache[n]
         return _instantiate(template, mapping, spec, self.dtype, store)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engines.backends.base import PHASES
 from engines.core.errors import DyVTEError
 from engines.core.manifest import (
     EngineBuild, EngineEntry, FileInfo, GraphEntry, Limits, Manifest, Profile, TensorRTSection, sha256_file,
@@ -32,7 +33,7 @@ DEFAULT_WORKSPACE_GB = 8.0
 TYPICAL_TEXT = 64  # text tokens of a typical prompt: the shape profiles are tuned for
 MIN_TENSORRT_MAJOR = 10  # int64 inputs, named-tensor execution API
 REBUILD_HINT = "rebuild with python -m engines build PACKAGE"
-PROFILE_NAMES = ("pre_exit", "post_exit", "decode")  # the orchestrator's phases (engines.backends.base)
+PROFILE_NAMES = PHASES  # a decoder engine has one profile per phase the orchestrator names
 # The fused decode graph is ONNX Runtime's: the TensorRT backend decodes segment by segment with each
 # segment engine's decode profile (fusing it would need per-segment past-length profiles).
 SKIPPED_ROLES = ("decode",)

@@ -43,7 +43,6 @@ PRECISIONS = {p.name: p for p in (
     Precision("int8", "float32", 8),
     Precision("int4", "float32", 4),
 )}
-FLOAT_PRECISIONS = ("fp32", "fp16")
 
 
 def get_precision(name: "str | Precision") -> Precision:

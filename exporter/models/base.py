@@ -32,13 +32,6 @@ def seeded(build):
     return wrapper
 
 
-class VisionEncoder(nn.Module):
-    """Base for the vision half: pixel values [N, 3, H, W] -> visual embeddings [N, V, hidden]."""
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
 class MultimodalModel(nn.Module):
     """The decomposition: vision, text decoder, routers, processor, plus where it came from."""
 
