@@ -25,11 +25,9 @@ def package_reference(package: str | Path, manifest: Manifest | None = None, mod
 
     manifest = manifest or Manifest.load(package)
     if model is None:
-        src = dict(manifest.source or {})
-        family = src.get("family", manifest.family)
-        if "preset" in src:
-            model = get_family(family).preset(seed=src.get("seed", 0))
+        src = manifest.source_model()
+        if src.preset is not None:
+            model = get_family(src.family).preset(seed=src.seed, name=src.preset)
         else:
-            options = {k: v for k, v in src.items() if k in ("vision_tower", "template") and v}
-            model = load_model(family, src.get("checkpoint"), src.get("routers"), **options)
+            model = load_model(src.family, src.checkpoint, src.routers, **src.options)
     return Runtime(TorchBackend(model, list(manifest.split.segments)), model.processor)

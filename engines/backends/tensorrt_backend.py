@@ -6,9 +6,9 @@ shares one scratch buffer: all graphs run one after another on the backend's str
 Inputs are bound by their data pointers and outputs preallocated from the shapes the manifest's
 axes imply, as the ONNX Runtime backend does, so hidden states and caches never leave the GPU.
 
-Not done: CUDA-graph capture of decode steps. The orchestrator allocates every step's caches anew
-(each present grows by one position), so a captured graph would hold stale addresses; capture
-needs static, preallocated caches in the orchestrator first.
+Not done: CUDA-graph capture of decode steps. The caches are preallocated and written in place now
+(engines/kv_cache.py), but their capacity grows in steps of 64 slots and the batch changes as
+requests join and leave, so a captured graph would be needed per (batch, capacity) pair.
 """
 
 from __future__ import annotations

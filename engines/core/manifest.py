@@ -149,6 +149,19 @@ class ExportInfo:
 
 
 @dataclass(frozen=True)
+class SourceModel:
+    """Where the package's model came from, enough to rebuild its PyTorch reference: a preset
+    (`preset` + `seed`) or a checkpoint folder with its loader options."""
+
+    family: str
+    checkpoint: str | None = None
+    routers: str | None = None
+    preset: str | None = None
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # loader options: vision_tower, template
+
+
+@dataclass(frozen=True)
 class FileInfo:
     sha256: str
     bytes: int
@@ -332,6 +345,16 @@ class Manifest:
     def package_bytes(self) -> int:
         """Bytes of every file the manifest lists (graphs, weights, processor, engines)."""
         return sum(f.bytes for f in self.files.values())
+
+    def source_model(self) -> SourceModel:
+        """The `source` record as a `SourceModel` (the family defaults to the package's)."""
+        src = self.source or {}
+        text = lambda key: src.get(key) if isinstance(src.get(key), str) else None  # noqa: E731
+        seed = src.get("seed", 0)
+        options = {k: src[k] for k in ("vision_tower", "template") if isinstance(src.get(k), str) and src[k]}
+        return SourceModel(text("family") or self.family, text("checkpoint"), text("routers"),
+                           text("preset") if "preset" in src else None,
+                           seed if isinstance(seed, int) and not isinstance(seed, bool) else 0, options)
 
     def has_graph(self, name: str) -> bool:
         return any(g.name == name for g in self.graphs)
