@@ -41,8 +41,13 @@ QUESTIONS = ["what color is the circle?", "how many stars are there?", "is there
 TARGET_EXITS = [0, 1, None, 2, 1, 0]
 
 
+def sample_pairs(indices=range(6)) -> list[tuple[str, object]]:
+    """(question, image) of the samples `sample_prompts` prepares, sample i exiting at TARGET_EXITS[i]."""
+    return [(QUESTIONS[i % len(QUESTIONS)], random_image(100 + i)) for i in indices]
+
+
 def sample_prompts(runtime, n=6):
-    return [runtime.prepare(QUESTIONS[i % len(QUESTIONS)], random_image(100 + i)) for i in range(n)]
+    return [runtime.prepare(question, image) for question, image in sample_pairs(range(n))]
 
 
 def model_with_exits(model):
@@ -76,3 +81,27 @@ def vila_package_fp16(vila_exit_model, tmp_path_factory):
     from exporter.package import export_onnx
 
     return export_onnx(vila_exit_model, tmp_path_factory.mktemp("pkg16") / "vila", "fp16", progress=False)
+
+
+@pytest.fixture(scope="session")
+def vila_exit_checkpoint(vila_exit_model, tmp_path_factory):
+    """`vila_exit_model` on disk as `--checkpoint` (VILA's native layout) and `--routers` (its fitted
+    routers) take it: (checkpoint folder, routers file)."""
+    from exporter.dyvte.router import save_routers
+
+    folder = vila_exit_model.native.save(tmp_path_factory.mktemp("ckpt-exit") / "vila")
+    return folder, save_routers(vila_exit_model.routers, folder.parent / "fitted-routers.safetensors")
+
+
+@pytest.fixture(scope="session")
+def vila_package_no_routers(tmp_path_factory):
+    """A package of a tiny VILA without routers, exits possible after layer 1 only (policy `layer:1`)."""
+    from exporter.models.vila import Vila
+    from exporter.package import export_onnx
+    from exporter.plan import SplitPlan
+
+    model = Vila().preset(seed=4)
+    model.routers = None
+    package = export_onnx(model, tmp_path_factory.mktemp("pkg-norouters") / "win", plan=SplitPlan.parse("1:1", 4),
+                          progress=False)
+    return package, model

@@ -87,3 +87,54 @@ def load_manifest(package, verify: bool = True) -> dict:
     from engines.core.manifest import Manifest
 
     return Manifest.load(package, verify=verify).to_dict()
+
+
+def perturb_weight(package, graph: str, scale: float = 1.01, tensor: str | None = None,
+                   index: int | None = None) -> str:
+    """Scale one weight of `graph` in the package's shared weights file (the largest, or the one
+    named `tensor`; only its slice `index` along the first axis when given), then re-sign the
+    package, as a buggy exporter would have written it. Returns the weight's name."""
+    from pathlib import Path
+
+    import onnx
+
+    from engines.core.manifest import Manifest
+
+    package = Path(package)
+    model = onnx.load(str(package / "graphs" / f"{graph}.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+    def info(t):
+        return {e.key: e.value for e in t.external_data}
+
+    if tensor is None:
+        weight = max(external, key=lambda t: int(info(t)["length"]))
+    else:
+        weight = next(t for t in external if t.name == tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(weight.data_type))
+    offset, length = int(info(weight)["offset"]), int(info(weight)["length"])
+    if index is not None:  # one row of the first axis
+        row = length // weight.dims[0]
+        offset, length = offset + index * row, row
+    path = package / "graphs" / info(weight)["location"]
+    data = bytearray(path.read_bytes())
+    values = np.frombuffer(bytes(data[offset:offset + length]), dtype=dtype) * scale
+    data[offset:offset + length] = values.astype(dtype).tobytes()
+    path.write_bytes(bytes(data))
+    Manifest.load(package, verify=False).save(package)
+    return weight.name
+
+
+def write_samples(folder, prompts: list[tuple[str, Image.Image]]):
+    """An images folder and a prompts file that `--images/--prompts` (validation.samples) read
+    back as exactly these (question, image) pairs, in order. Returns (images folder, prompts file)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for k, (_, image) in enumerate(prompts):
+        image.save(images / f"{k:02d}.png")  # lossless: the runtime sees the same pixels
+    questions = folder / "prompts.txt"
+    questions.write_text("".join(f"{q}\n" for q, _ in prompts))
+    return images, questions

@@ -278,12 +278,47 @@ def test_split_plan_from_window_flag_and_calibration():
         SplitPlan.parse("two", 8)
 
 
-def test_windowed_package_without_routers(tmp_path):
-    from exporter.models.vila import Vila
+def test_export_cli_calibrates_the_exit_window(vila_exit_model, vila_exit_checkpoint, tmp_path, capsys):
+    """`export.py --exit-window auto`: the window is the one the reference's exits on the samples
+    imply, the package is validated (exit code 0) and runs."""
+    from conftest import TARGET_EXITS, sample_pairs
+    from engines.backends.torch_backend import TorchBackend
+    from engines.core.prompt import load_image
+    from engines.orchestrator import Runtime
+    from engines.policy import GenerationConfig
+    from export import main as export_main
+    from helpers import write_samples
 
-    model = Vila().preset(seed=4)
-    model.routers = None
-    package = export_onnx(model, tmp_path / "win", plan=SplitPlan.parse("1:1", 4), progress=False)
+    checkpoint, routers = vila_exit_checkpoint
+    samples = [1, 2, 4]  # exits after layer 1, never, after layer 1
+    images, questions = write_samples(tmp_path / "samples", sample_pairs(samples))
+    out = tmp_path / "calibrated"
+    code = export_main(["--model", "vila", "--checkpoint", str(checkpoint), "--routers", str(routers),
+                        "--exit-window", "auto", "--images", str(images), "--prompts", str(questions),
+                        "--output", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0 and "parity: PASSED" in printed.out
+    assert "calibration:" in printed.err and "-> window (1, 1)" in printed.err
+
+    reference = Runtime(TorchBackend(vila_exit_model), vila_exit_model.processor)
+    prompts = [reference.prepare(q, load_image(p)) for p, q in zip(sorted(images.iterdir()),
+                                                                   questions.read_text().splitlines())]
+    config = GenerationConfig(max_new_tokens=4)
+    expected = reference.generate(prompts, "dynamic", config)
+    exits = [r.exit_layer for r in expected]
+    assert exits == [TARGET_EXITS[i] for i in samples]
+    window = SplitPlan.from_exit_layers(exits, vila_exit_model.shape.num_layers).window
+    assert window == (1, 1) != SplitPlan.full(vila_exit_model.shape.num_layers).window
+    manifest = load_manifest(out)
+    assert tuple(manifest["split"]["exit_window"]) == window and manifest["split"]["exit_boundaries"] == [1]
+    assert manifest["source"]["routers"] == str(routers)
+    results = open_package(out).generate(prompts, "dynamic", config)
+    assert [r.exit_layer for r in results] == exits
+    assert [r.generated_ids for r in results] == [r.generated_ids for r in expected]
+
+
+def test_windowed_package_without_routers(vila_package_no_routers):
+    package, _ = vila_package_no_routers
     manifest = load_manifest(package)
     assert manifest["split"]["segments"] == [[0, 2], [2, 4]]
     assert [g["name"] for g in manifest["graphs"]] == ["vision", "embed", "decoder.00-01", "decoder.02-03", "lm_head",

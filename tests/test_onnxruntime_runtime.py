@@ -1,18 +1,22 @@
 """The ONNX Runtime backend against the PyTorch reference: every family, every policy, batches, threads."""
 
 import json
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TARGET_EXITS, model_with_exits, sample_prompts
+from conftest import TARGET_EXITS, model_with_exits, sample_pairs, sample_prompts
 from engines.backends.torch_backend import TorchBackend
 from engines.cli import main as engines_main
+from engines.core.manifest import Manifest
 from engines.load import open_package
 from engines.orchestrator import Runtime
 from engines.policy import GenerationConfig
 from exporter.package import export_onnx
+from validation.parity import DEFAULT_THRESHOLDS
 
 POLICIES = ["none", "layer:1", "dynamic"]
 CONFIG = GenerationConfig(max_new_tokens=5, keep_logits=True)
@@ -113,3 +117,51 @@ def test_cli_errors_for_packages(vila_package, image_file, tmp_path, capsys):
     if tensorrt_unavailable():  # on a GPU machine this would build engines into the shared fixture
         assert engines_main(["build", str(vila_package)]) == 2
         assert "TensorRT" in capsys.readouterr().err
+
+
+def prefix_agreement(a: list[int], b: list[int]) -> float:
+    """Share of the longer sequence that both generated identically before they first differ."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return same / max(len(a), len(b), 1)
+
+
+def test_fp16_package_generates_like_the_fp32_reference(vila_package_fp16, vila_exit_model):
+    limits = DEFAULT_THRESHOLDS["fp16"]
+    assert Manifest.load(vila_package_fp16).precision.name == "fp16"
+    reference = Runtime(TorchBackend(vila_exit_model), vila_exit_model.processor)
+    prompts = sample_prompts(reference)
+    config = GenerationConfig(max_new_tokens=8)
+    ref = reference.generate(prompts, "dynamic", config)
+    half = open_package(vila_package_fp16).generate(prompts, "dynamic", config)  # one batch, exits differ
+    assert [r.exit_layer for r in half] == [r.exit_layer for r in ref] == TARGET_EXITS
+    agreement = sum(prefix_agreement(a.generated_ids, b.generated_ids) for a, b in zip(ref, half)) / len(ref)
+    assert agreement >= limits["token_agreement"], agreement
+    # the first logits carry half-precision error (so fp16 graphs ran) within the fp16 limit
+    diff = max(float((b.first_logits.float() - a.first_logits.float()).abs().max()) for a, b in zip(ref, half))
+    assert 0 < diff <= limits["logits_max_abs"], diff
+
+
+def test_cli_torch_backend_of_a_package_matches_onnxruntime(vila_package, vila_exit_checkpoint, tmp_path, capsys):
+    """`run PACKAGE --backend torch` rebuilds the package's source model (the PyTorch reference)."""
+    checkpoint, routers = vila_exit_checkpoint
+    package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
+    # The source `export.py --checkpoint --routers` records. vila_package's own (the preset it was
+    # built from) rebuilds the preset's routers, not the fitted ones its graphs hold.
+    manifest = Manifest.load(package)
+    manifest.source = {"family": "vila", "checkpoint": str(checkpoint), "routers": str(routers)}
+    manifest.save(package)
+    samples = [3, 1]  # exits after layers 2 and 1
+    argv = ["run", str(package), "--max-new-tokens", "6", "--json"]
+    for k, (question, image) in enumerate(sample_pairs(samples)):
+        image.save(tmp_path / f"{k}.png")
+        argv += ["--image", str(tmp_path / f"{k}.png"), "--prompt", question]
+    out = {}
+    for backend in ("torch", "onnxruntime"):
+        assert engines_main([*argv, "--backend", backend]) == 0
+        out[backend] = json.loads(capsys.readouterr().out)["results"]
+    assert [r["exit_layer"] for r in out["torch"]] == [TARGET_EXITS[i] for i in samples]
+    for ref, ort in zip(out["torch"], out["onnxruntime"]):
+        assert (ref["backend"], ort["backend"]) == ("torch", "onnxruntime")
+        assert ref["input_ids"] == ort["input_ids"] and ref["visual_span"] == ort["visual_span"]
+        assert ref["exit_layer"] == ort["exit_layer"]
+        assert ref["generated_ids"] == ort["generated_ids"] and len(ref["generated_ids"]) > 1

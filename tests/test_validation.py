@@ -4,29 +4,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 
-from engines.core.manifest import Manifest
+from helpers import perturb_weight
 from validation.parity import DEFAULT_THRESHOLDS, RunnerOutput, compare, validate_package
-
-
-def perturb_segment(package: Path, graph: str, scale: float = 1.01) -> str:
-    """Scale the largest weight of one graph in the shared weights file (then re-sign the package,
-    as a buggy exporter would have written it). Returns the weight's name."""
-    model = onnx.load(str(package / "graphs" / f"{graph}.onnx"), load_external_data=False)
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    tensor = max(external, key=lambda t: int({e.key: e.value for e in t.external_data}["length"]))
-    info = {e.key: e.value for e in tensor.external_data}
-    offset, length = int(info["offset"]), int(info["length"])
-    weights = package / "graphs" / info["location"]
-    data = bytearray(weights.read_bytes())
-    values = np.frombuffer(bytes(data[offset:offset + length]), dtype=np.float32) * scale
-    data[offset:offset + length] = values.astype(np.float32).tobytes()
-    weights.write_bytes(bytes(data))
-    Manifest.load(package, verify=False).save(package)
-    return tensor.name
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +36,30 @@ def test_report_passes_and_has_the_contract_keys(good_report, vila_package):
 
 def test_perturbed_segment_fails_the_report_and_is_named(vila_package, vila_exit_model, tmp_path):
     package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
-    perturb_segment(package, "decoder.02-02")
+    perturb_weight(package, "decoder.02-02")
     report = validate_package(package, model=vila_exit_model, speed_repeats=0)
     assert not report.passed
     ort = report.data["backends"]["onnxruntime"]
     assert ort["first_failed_stage"] == "layers 2-2"
     assert "layers 0-0" not in ort["failed_stages"] and "layers 1-1" not in ort["failed_stages"]
     assert "first diverging stage: layers 2-2" in report.summary()
+
+
+def test_fp16_package_passes_with_the_fp16_thresholds(vila_package_fp16, vila_exit_model, tmp_path):
+    package = Path(shutil.copytree(vila_package_fp16, tmp_path / "pkg16"))
+    report = validate_package(package, model=vila_exit_model, speed_repeats=0)
+    assert report.passed, report.summary()
+    data = json.loads((package / "report" / "parity.json").read_text())
+    assert data["precision"] == "fp16" and data["thresholds"] == DEFAULT_THRESHOLDS["fp16"]
+    ort = data["backends"]["onnxruntime"]
+    assert ort["passed"] is True and ort["exit_layer_agreement"] == 1.0
+    assert ort["exit_layers"] == data["reference"]["exit_layers"]
+    assert ort["token_agreement"] >= DEFAULT_THRESHOLDS["fp16"]["token_agreement"]
+    assert 0 < ort["logits_max_abs_diff"] <= DEFAULT_THRESHOLDS["fp16"]["logits_max_abs"]
+    # the half-precision graphs did run: their stage errors exceed what fp32 would be allowed, so
+    # the verdict depends on the thresholds having been chosen by the package's precision
+    worst = max(e["max_rel"] for e in ort["stages"].values())
+    assert DEFAULT_THRESHOLDS["fp32"]["stage_max_rel"] < worst <= DEFAULT_THRESHOLDS["fp16"]["stage_max_rel"]
 
 
 def test_validation_cli_exit_status_follows_the_verdict(vila_package, tmp_path, capsys):
