@@ -49,7 +49,7 @@ def test_fp16_package_passes_with_the_fp16_thresholds(vila_package_fp16, vila_ex
     package = Path(shutil.copytree(vila_package_fp16, tmp_path / "pkg16"))
     report = validate_package(package, model=vila_exit_model, speed_repeats=0)
     assert report.passed, report.summary()
-    data = json.loads((package / "report" / "parity.json").read_text())
+    data = json.loads(Path(report.data["json"]).read_text())
     assert data["precision"] == "fp16" and data["thresholds"] == DEFAULT_THRESHOLDS["fp16"]
     ort = data["backends"]["onnxruntime"]
     assert ort["passed"] is True and ort["exit_layer_agreement"] == 1.0
