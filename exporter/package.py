@@ -188,12 +188,18 @@ def _manifest(model: MultimodalModel, precision: Precision, plan: SplitPlan, gra
         weights=Weights("graphs/weights.bin", weights_bytes(model, precision)),
         special_tokens={"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id,
                         "image_token_id": spec.image_token_id, "stop": spec.stop_token_ids},
-        source=dict(model.source),
+        source=_source(model),
         versions=_versions(),
         export=ExportInfo(round(time.perf_counter() - started, 2),
                           round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
     )
+
+
+def _source(model: MultimodalModel) -> dict:
+    """The model's source record, plus the digest of its routers (checked when the reference is rebuilt)."""
+    digest = model.routers.digest() if model.routers is not None else None
+    return {**model.source, **({"routers_sha256": digest} if digest else {})}
 
 
 def _replace(tmp: Path, output: Path) -> None:

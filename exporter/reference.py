@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engines.backends.torch_backend import TorchBackend
+from engines.core.errors import DyVTEError
 from engines.core.manifest import Manifest
 from engines.orchestrator import Runtime
 
@@ -30,4 +31,17 @@ def package_reference(package: str | Path, manifest: Manifest | None = None, mod
             model = get_family(src.family).preset(seed=src.seed, name=src.preset)
         else:
             model = load_model(src.family, src.checkpoint, src.routers, **src.options)
+        _check_routers(package, src.routers_sha256, model)
     return Runtime(TorchBackend(model, list(manifest.split.segments)), model.processor)
+
+
+def _check_routers(package, recorded: str | None, model) -> None:
+    """Refuse a rebuilt reference whose routers are not the exported ones (e.g. routers attached in
+    Python before the export, or a routers file changed since): it would exit elsewhere silently."""
+    if recorded is None:
+        return
+    if model.routers is None or model.routers.digest() != recorded:
+        raise DyVTEError(
+            f"the model rebuilt from {package}'s recorded source does not have the routers the package was "
+            "exported with (were they attached in Python, or has the routers file changed?): pass that "
+            "model itself (package_reference(..., model=...) / validate_package(..., model=...))")

@@ -332,3 +332,16 @@ def test_windowed_package_without_routers(vila_package_no_routers):
         runtime.generate([prompt], "dynamic")
     with pytest.raises(DyVTEError, match="cannot exit after layer 2: exits are possible after layers 1"):
         runtime.generate([prompt], "layer:2")
+
+
+def test_reference_rebuilt_from_the_source_must_have_the_exported_routers(vila_package, vila_exit_model):
+    """vila_package's routers were fitted in Python: its recorded source (the preset) rebuilds other
+    routers, which would exit elsewhere; that is refused, and passing the model itself works."""
+    from engines.core.errors import DyVTEError
+    from engines.core.manifest import Manifest
+    from exporter.reference import package_reference
+
+    assert Manifest.load(vila_package).source_model().routers_sha256 == vila_exit_model.routers.digest()
+    with pytest.raises(DyVTEError, match="attached in Python"):
+        package_reference(vila_package)
+    assert package_reference(vila_package, model=vila_exit_model).backend.model is vila_exit_model

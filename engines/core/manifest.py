@@ -159,6 +159,7 @@ class SourceModel:
     preset: str | None = None
     seed: int = 0
     options: dict = field(default_factory=dict)  # loader options: vision_tower, template
+    routers_sha256: str | None = None  # digest of the exported routers' weights
 
 
 @dataclass(frozen=True)
@@ -354,7 +355,8 @@ class Manifest:
         options = {k: src[k] for k in ("vision_tower", "template") if isinstance(src.get(k), str) and src[k]}
         return SourceModel(text("family") or self.family, text("checkpoint"), text("routers"),
                            text("preset") if "preset" in src else None,
-                           seed if isinstance(seed, int) and not isinstance(seed, bool) else 0, options)
+                           seed if isinstance(seed, int) and not isinstance(seed, bool) else 0, options,
+                           text("routers_sha256"))
 
     def has_graph(self, name: str) -> bool:
         return any(g.name == name for g in self.graphs)

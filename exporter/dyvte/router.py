@@ -8,6 +8,7 @@ layout `model.visual_gates_router.{l}.w1.weight` / `.w2.weight`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,6 +55,19 @@ class Routers(nn.Module):
             out[f"{ROUTER_PREFIX}{i}.w1.weight"] = r.w1.weight.detach().contiguous()
             out[f"{ROUTER_PREFIX}{i}.w2.weight"] = r.w2.weight.detach().contiguous()
         return out
+
+    def digest(self) -> str | None:
+        """sha256 of the routers' weights (as float32, in published order): recorded in a package so
+        that a reference rebuilt from the package's source can be checked to hold the same routers.
+        None while the weights are not materialized (meta tensors of a streamed or random-weight export)."""
+        weights = self.published_state_dict()
+        if any(t.is_meta for t in weights.values()):
+            return None
+        h = hashlib.sha256()
+        for name, t in weights.items():
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
 
 
 def seeded_routers(num_layers: int, hidden_size: int, seed: int, inner: int = ROUTER_INNER) -> Routers:
