@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from engines.core.errors import DyVTEError
@@ -19,14 +20,28 @@ def add_arguments(parser) -> None:
 
 
 def read_thresholds(path: str | None) -> dict | None:
+    """The `--thresholds` file: a JSON object of known threshold names -> finite numbers in range."""
+    from engines.core.manifest import read_regular
+    from validation.parity import DEFAULT_THRESHOLDS
+
     if not path:
         return None
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise DyVTEError(f"cannot read thresholds {path}: {exc}") from None
+        data = json.loads(read_regular(Path(path), what="--thresholds file"))
+    except ValueError as exc:
+        raise DyVTEError(f"--thresholds {path} is not valid JSON: {exc}") from None
+    known = DEFAULT_THRESHOLDS["fp32"]
     if not isinstance(data, dict):
-        raise DyVTEError(f"thresholds {path} must be a JSON object of name -> number")
+        raise DyVTEError(f"--thresholds {path} must be a JSON object of name -> number ({', '.join(known)})")
+    for key, value in data.items():
+        if key not in known:
+            raise DyVTEError(f"--thresholds {path}: unknown threshold {key!r}; known: {', '.join(known)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DyVTEError(f"--thresholds {path}: {key} must be a finite number, not {value!r}")
+        bounded = key in ("min_cosine", "token_agreement", "exit_layer_agreement")
+        if value < 0 or (bounded and value > 1):
+            raise DyVTEError(f"--thresholds {path}: {key} must be in {'[0, 1]' if bounded else '[0, inf)'}, "
+                             f"not {value!r}")
     return data
 
 
