@@ -227,3 +227,109 @@ def test_refused_in_one_line(case: Case, sources, tmp_path, capsys, monkeypatch)
     assert_one_line_error(code, err, case.code, case.words)
     if case.check:
         case.check(env)
+
+
+# ---------------------------------------------------------------------------- NaN-aware parity
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _runner(stages: dict, exits=(None,), tokens=((1, 2),)):
+    import torch
+
+    from validation.parity import RunnerOutput
+
+    return RunnerOutput(stages=[{k: torch.tensor(v, dtype=torch.float32) for k, v in stages.items()}],
+                        probe_logits=[{0: [1.0, -1.0]}], exit_layers=list(exits), tokens=[list(t) for t in tokens])
+
+
+NAN, INF = float("nan"), float("inf")
+GOOD = {"vision": [[1.0, 2.0]], "layers 0-0": [[0.5, 0.25]], "router 0": [1.0, -1.0], "layers 1-1": [[1.0, 1.0]],
+        "logits": [[3.0, 1.0]]}
+
+
+@pytest.mark.parametrize("side, stage, value, first", [
+    ("backend", "logits", NAN, "logits"),
+    ("backend", "layers 1-1", INF, "layers 1-1"),
+    ("backend", "router 0", NAN, "router 0"),
+    ("reference", "vision", NAN, "vision"),  # a NaN checkpoint: both sides NaN
+    ("both", "router 0", NAN, "router 0"),  # NaN routers in the model: reference and package agree on NaN
+])
+def test_non_finite_values_fail_by_stage(side, stage, value, first):
+    from validation.parity import DEFAULT_THRESHOLDS, ParityReport, compare
+
+    ref, other = dict(GOOD), dict(GOOD)
+    poisoned = [[value] * len(GOOD[stage][0])] if isinstance(GOOD[stage][0], list) else [value] * len(GOOD[stage])
+    if side in ("reference", "both"):
+        ref[stage] = poisoned
+        if side == "reference":  # a NaN model makes every later stage NaN, in the package too
+            ref = {k: ([[NAN] * len(v[0])] if isinstance(v[0], list) else [NAN] * len(v)) for k, v in ref.items()}
+            other = dict(ref)
+    if side in ("backend", "both"):
+        other[stage] = poisoned
+    result = compare(_runner(ref), _runner(other), DEFAULT_THRESHOLDS["fp32"])
+    assert result["passed"] is False and result["checks"]["finite"] is False
+    assert result["first_non_finite_stage"] == first
+    if first != "logits":
+        assert result["first_failed_stage"] == first
+    data = {"passed": False, "samples": 1, "precision": "fp32", "backends": {"onnxruntime": result}}
+    summary = ParityReport(data).summary()
+    assert "FAILED" in summary and f"first non-finite stage: {first}" in summary
+    from validation.parity import _jsonable
+
+    _strict_json(json.dumps(_jsonable(data), allow_nan=False))
+
+
+def test_nan_after_a_finite_sample_is_not_folded_away():
+    """Python's max(0.0, nan) is 0.0: a NaN in the second sample must still be seen."""
+    from validation.parity import _stage_errors
+
+    ref = _runner(GOOD)
+    ref.stages.append(dict(ref.stages[0]))
+    other = _runner(GOOD)
+    other.stages.append({**other.stages[0], "logits": other.stages[0]["logits"] * NAN})
+    errors = _stage_errors(ref, other)
+    assert errors["logits"]["non_finite"] == {"reference": 0, "backend": 2}
+    assert errors["logits"]["max_abs"] != errors["logits"]["max_abs"]  # NaN, not 0
+    assert list(errors) == ["vision", "layers 0-0", "router 0", "layers 1-1", "logits"]  # compute order
+
+
+def test_package_with_nan_logits_fails_the_report(vila_package, vila_exit_model, tmp_path):
+    from helpers import perturb_weight
+    from validation.parity import validate_package
+
+    package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
+    perturb_weight(package, "lm_head", scale=NAN)
+    report = validate_package(package, model=vila_exit_model, speed_repeats=0, count=2, max_new_tokens=2)
+    ort = report.data["backends"]["onnxruntime"]
+    assert not report.passed and ort["first_non_finite_stage"] == "logits"
+    assert "max|diff| non-finite" in report.summary()
+    data = _strict_json(Path(report.data["json"]).read_text())
+    assert data["backends"]["onnxruntime"]["stages"]["logits"]["non_finite"]["backend"] > 0
+
+
+def test_nan_checkpoint_export_fails_its_report_at_the_vision_stage(vila_checkpoint, tmp_path, capsys):
+    """The issue's case end to end: an all-NaN checkpoint exported with validation is FAILED, by
+    the first stage that went non-finite, and the report is strict JSON."""
+    import torch
+
+    import export
+    from exporter.models import load_model
+
+    model = load_model("vila", str(vila_checkpoint))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    folder = model.native.save(tmp_path / "nan-ckpt")
+    code = export.main(["--model", "vila", "--checkpoint", str(folder), "--output", str(tmp_path / "pkg"),
+                        "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 1, err[-2000:]
+    assert "parity: FAILED" in out and "first non-finite stage: vision" in out
+    data = _strict_json((tmp_path / "pkg" / "report" / "parity.json").read_text())
+    assert data["passed"] is False and data["backends"]["onnxruntime"]["first_non_finite_stage"] == "vision"
