@@ -50,10 +50,11 @@ class Env:
 
     # helpers for setups
     def edit_manifest(self, edit: Callable[[dict], object], resign: bool = True) -> None:
+        """`edit` changes the manifest's data in place, or returns `Replace(new data)`."""
         path = self.pkg / "manifest.json"
         data = json.loads(path.read_text())
         result = edit(data)
-        data = data if result is None else result
+        data = result.value if isinstance(result, Replace) else data
         if resign and isinstance(data, dict):  # a hand edit that also recomputes the manifest's checksum
             data["manifest_sha256"] = canonical_sha256(data)
         path.write_text(json.dumps(data))
@@ -62,7 +63,12 @@ class Env:
         path = self.ckpt / sub / "config.json"
         data = json.loads(path.read_text())
         result = edit(data)
-        path.write_text(json.dumps(data if result is None else result))
+        path.write_text(json.dumps(result.value if isinstance(result, Replace) else data))
+
+
+@dataclass
+class Replace:
+    value: object
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Case:
     setup: Callable[[Env], None] | None = None
     check: Callable[[Env], None] | None = None
     marks: tuple = field(default_factory=tuple)
+    warns: tuple[str, ...] = ()  # words of a `warning: ...` line on stderr (accepted, with a reason)
 
 
 def user_folder(env: Env) -> None:
@@ -174,6 +181,170 @@ CASES = [
 ]
 
 
+def pkg_run(*extra):
+    return ["{pkg}", "--image", "{img}", "--prompt", "what color?", "--max-new-tokens", "2", *extra]
+
+
+def ckpt_run(*extra):
+    return ["--model", "vila", "--checkpoint", "{ckpt}", "--image", "{img}", "--prompt", "hi", "--max-new-tokens",
+            "1", "--exit-policy", "none", *extra]
+
+
+def manifest_edit(edit, resign=True):
+    return lambda env: env.edit_manifest(edit, resign)
+
+
+def graph_file(env: Env, name: str, replace: Callable[[Path], None]) -> None:
+    path = env.pkg / "graphs" / f"{name}.onnx"
+    path.unlink()
+    replace(path)
+
+
+def _pop(*keys):
+    def edit(data):
+        obj = data
+        for k in keys[:-1]:
+            obj = obj[k]
+        del obj[keys[-1]]
+    return edit
+
+
+def _set(value, *keys):
+    def edit(data):
+        obj = data
+        for k in keys[:-1]:
+            obj = obj[k]
+        obj[keys[-1]] = value
+    return edit
+
+
+def _graph_index(data, name):
+    return next(i for i, g in enumerate(data["graphs"]) if g["name"] == name)
+
+
+def _router_file(env: Env, tensors: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    prefix = "model.visual_gates_router."
+    base = {f"{prefix}{l}.{w}.weight": torch.zeros(shape) for l in range(4)
+            for w, shape in (("w1", (8, 128)), ("w2", (2, 8)))}
+    base.update({k if k.startswith("model.") else prefix + k: v for k, v in tensors.items() if v is not None})
+    for k in [k for k, v in tensors.items() if v is None]:
+        base.pop(prefix + k)
+    save_file(base, str(env.tmp / "routers.safetensors"))
+
+
+def _weights_file(env: Env, sub: str, edit: Callable[[dict], None]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = next((env.ckpt / sub).glob("*.safetensors"))
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def _int_weight(tensors):
+    key = next(k for k in sorted(tensors) if k.endswith(".weight"))
+    tensors[key] = tensors[key].to(__import__("torch").int32)
+
+
+def _shard_index(env: Env) -> None:
+    folder = env.ckpt / "mm_projector"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../llm/model.safetensors"}}))
+
+
+CASES += [
+    # ---------------------------------------------------------------- damaged or hand-edited packages
+    Case("manifest-a-list", "run", pkg_run(), ("manifest.json", "JSON object", "list"),
+         setup=manifest_edit(lambda d: Replace([]))),
+    Case("manifest-null", "run", pkg_run(), ("manifest.json", "JSON object"), setup=manifest_edit(lambda d: Replace(None))),
+    Case("manifest-not-json", "run", pkg_run(), ("not valid JSON",),
+         setup=lambda env: (env.pkg / "manifest.json").write_text("{")),
+    Case("manifest-edited", "run", pkg_run(), ("modified after export",),
+         setup=manifest_edit(_set(False, "split", "has_routers"), resign=False)),
+    Case("manifest-checksum-removed", "run", pkg_run(), ("modified after export",),
+         setup=manifest_edit(_pop("manifest_sha256"), resign=False)),
+    Case("manifest-no-graphs", "run", pkg_run(), ("graphs",), setup=manifest_edit(_pop("graphs"))),
+    Case("manifest-no-architecture", "run", pkg_run(), ("architecture",), setup=manifest_edit(_pop("architecture"))),
+    Case("manifest-no-prompt", "run", pkg_run(), ("prompt",), setup=manifest_edit(_pop("prompt"))),
+    Case("manifest-no-bytes", "run", pkg_run(), ("bytes",),
+         setup=manifest_edit(lambda d: d["files"]["graphs/weights.bin"].pop("bytes"))),
+    Case("manifest-segments-as-strings", "run", pkg_run(), ("split.segments[0]", "pair of integers"),
+         setup=manifest_edit(lambda d: d["split"].update(segments=["0-1"] * len(d["split"]["segments"])))),
+    Case("manifest-graph-renamed", "run", pkg_run(), ("vision graph must be named 'vision'",),
+         setup=manifest_edit(lambda d: d["graphs"][_graph_index(d, "vision")].update(name="eyes"))),
+    Case("manifest-graph-removed", "run", pkg_run(), ("exactly one lm_head graph",),
+         setup=manifest_edit(lambda d: d["graphs"].pop(_graph_index(d, "lm_head")))),
+    Case("manifest-num-layers", "run", pkg_run(), ("manifest.json",),
+         setup=manifest_edit(_set(5, "architecture", "num_layers"))),
+    Case("manifest-hidden-size", "run", pkg_run(), ("axis 2 must be 32",),
+         setup=manifest_edit(_set(32, "architecture", "hidden_size"))),
+    Case("manifest-precision", "run", pkg_run(), ("fp16 package needs float16",),
+         setup=manifest_edit(_set("fp16", "precision"))),
+    Case("manifest-routers-switched-off", "run", pkg_run(), ("has_routers is false",),
+         setup=manifest_edit(_set(False, "split", "has_routers"))),
+    Case("manifest-absolute-graph-path", "run", pkg_run(), ("not a path inside the package",),
+         setup=lambda env: env.edit_manifest(lambda d: d["graphs"][_graph_index(d, "vision")].update(
+             file=str(env.pkg_source / "graphs" / "vision.onnx")))),
+    Case("manifest-graph-path-climbs-out", "run", pkg_run(), ("not a path inside the package",),
+         setup=manifest_edit(lambda d: d["graphs"][_graph_index(d, "vision")].update(file="../x/graphs/vision.onnx"))),
+    Case("manifest-files-table-removed", "run", pkg_run(), ("lists no files",), setup=manifest_edit(_pop("files"))),
+    Case("graph-is-a-fifo", "run", pkg_run(), ("graphs/vision.onnx", "not a regular file"),
+         setup=lambda env: graph_file(env, "vision", os.mkfifo)),
+    Case("graph-links-outside", "run", pkg_run(), ("leads outside the package",),
+         setup=lambda env: graph_file(env, "vision", lambda p: p.symlink_to(env.pkg_source / "graphs" / "vision.onnx"))),
+    Case("weights-corrupted", "run", pkg_run(), ("graphs/weights.bin", "does not match its checksum"),
+         setup=lambda env: (env.pkg / "graphs" / "weights.bin").open("r+b").write(b"\xff" * 64)),
+    Case("package-missing", "run", ["{tmp}/none", "--image", "{img}", "--prompt", "hi"], ("package folder not found",)),
+    # ---------------------------------------------------------------- run flags and prompts
+    Case("temperature-nan", "run", pkg_run("--do-sample", "--temperature", "nan"), ("temperature", "finite")),
+    Case("temperature-inf", "run", pkg_run("--do-sample", "--temperature", "inf"), ("temperature", "finite")),
+    Case("seed-too-big", "run", pkg_run("--do-sample", "--seed", str(2**70)), ("seed", "2**63-1")),
+    Case("seed-negative", "run", pkg_run("--do-sample", "--seed", "-1"), ("seed",)),
+    Case("top-p-nan", "run", pkg_run("--do-sample", "--top-p", "nan"), ("top_p",)),
+    Case("top-k-negative", "run", pkg_run("--do-sample", "--top-k", "-3"), ("top_k",)),
+    Case("prompt-not-utf8", "run", ["{pkg}", "--image", "{img}", "--prompt", b"\xff\xfeok".decode("utf-8", "surrogateescape")],
+         ("prompt is not valid UTF-8",)),
+    Case("exit-policy-outside", "run", pkg_run("--exit-policy", "layer:99"), ("layer 99",)),
+    Case("image-not-an-image", "run", ["{pkg}", "--image", "{tmp}/notes.txt", "--prompt", "hi"], ("cannot read image",),
+         setup=user_file),
+    # ---------------------------------------------------------------- checkpoints
+    Case("config-a-list", "run", ckpt_run(), ("config.json", "JSON object", "list"),
+         setup=lambda env: env.edit_config("", lambda c: Replace([]))),
+    Case("config-projector-type-null", "run", ckpt_run(), ("mm_projector_type", "None"),
+         setup=lambda env: env.edit_config("mm_projector", lambda c: c.update(mm_projector_type=None))),
+    Case("config-projector-type-number", "run", ckpt_run(), ("mm_projector_type", "3"),
+         setup=lambda env: env.edit_config("mm_projector", lambda c: c.update(mm_projector_type=3))),
+    Case("config-select-layer-text", "run", ckpt_run(), ("mm_vision_select_layer", "'last'"),
+         setup=lambda env: env.edit_config("", lambda c: c.update(mm_vision_select_layer="last"))),
+    Case("config-select-layer-outside", "run", ckpt_run(), ("mm_vision_select_layer", "40"),
+         setup=lambda env: env.edit_config("", lambda c: c.update(mm_vision_select_layer=40))),
+    Case("weights-integer-dtype", "run", ckpt_run(), ("dtype I32", "floating point"),
+         setup=lambda env: _weights_file(env, "mm_projector", _int_weight)),
+    Case("shard-index-escapes", "run", ckpt_run(), ("model.safetensors.index.json", "../llm/model.safetensors"),
+         setup=_shard_index),
+    Case("pickle-beside-safetensors", "run", ckpt_run(), code=0, warns=("pickle", "never unpickled"),
+         setup=lambda env: (env.ckpt / "llm" / "pytorch_model.bin").write_bytes(b"not read")),
+    # ---------------------------------------------------------------- router files
+    Case("routers-bad-key", "run", ckpt_run("--routers", "{tmp}/routers.safetensors"),
+         ("unexpected key", "model.visual_gates_router.x.w1.weight"),
+         setup=lambda env: _router_file(env, {"x.w1.weight": __import__("torch").zeros(8, 128)})),
+    Case("routers-missing-w1-of-layer-0", "run", ckpt_run("--routers", "{tmp}/routers.safetensors"),
+         ("lack", "0.w1.weight"), setup=lambda env: _router_file(env, {"0.w1.weight": None})),
+    Case("routers-scalar-tensor", "run", ckpt_run("--routers", "{tmp}/routers.safetensors"),
+         ("0.w1.weight", "expected a matrix"),
+         setup=lambda env: _router_file(env, {"0.w1.weight": __import__("torch").tensor(1.0)})),
+    Case("routers-integer-dtype", "run", ckpt_run("--routers", "{tmp}/routers.safetensors"),
+         ("dtype int64", "floating point"),
+         setup=lambda env: _router_file(env, {"1.w2.weight": __import__("torch").zeros(2, 8, dtype=__import__("torch").int64)})),
+    Case("routers-nan", "run", ckpt_run("--routers", "{tmp}/routers.safetensors"), code=0,
+         warns=("NaN or Inf", "never exit"),
+         setup=lambda env: _router_file(env, {"2.w1.weight": __import__("torch").full((8, 128), float("nan"))})),
+]
+
+
+
 def _main(cli: str):
     if cli == "export":
         import export
@@ -225,6 +396,9 @@ def test_refused_in_one_line(case: Case, sources, tmp_path, capsys, monkeypatch)
         code = exc.code
     _, err = capsys.readouterr()
     assert_one_line_error(code, err, case.code, case.words)
+    if case.warns:
+        warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert any(all(w in line for w in case.warns) for line in warnings), err[-2000:]
     if case.check:
         case.check(env)
 
