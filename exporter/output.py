@@ -217,3 +217,17 @@ def restore_interrupted_swap(output: Path) -> None:
         if m and not _alive(int(m.group(1))):
             os.rename(path, output)
             return
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> Path:
+    """`folder` (created if missing) when files can be written into it, else one line naming `flag`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise DyVTEError(f"cannot write into {folder}: {reason}; {flag}") from None
+    return folder

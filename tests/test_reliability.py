@@ -345,6 +345,20 @@ CASES += [
 
 
 
+CASES += [
+    # ---------------------------------------------------------------- python -m validation
+    Case("validation-report-dir-unwritable", "validation", ["{pkg}", "--no-speed", "--report-dir", "/proc/dyvte-report"],
+         ("cannot write into /proc/dyvte-report",)),
+    Case("validation-report-is-a-file", "validation", ["{pkg}", "--no-speed"], ("cannot write into", "report"),
+         setup=lambda env: (shutil.rmtree(env.pkg / "report", ignore_errors=True),
+                            (env.pkg / "report").write_text("mine"))),
+    Case("validation-samples-zero", "validation", ["{pkg}", "--samples", "0"], ("--samples",)),
+    Case("validation-thresholds-nan", "validation", ["{pkg}", "--thresholds", "{tmp}/t.json"], ("finite number",),
+         setup=lambda env: (env.tmp / "t.json").write_text('{"near_tie": Infinity}')),
+    Case("validation-not-a-package", "validation", ["{tmp}"], ("not an export package",)),
+]
+
+
 def _main(cli: str):
     if cli == "export":
         import export
@@ -507,3 +521,151 @@ def test_nan_checkpoint_export_fails_its_report_at_the_vision_stage(vila_checkpo
     assert "parity: FAILED" in out and "first non-finite stage: vision" in out
     data = _strict_json((tmp_path / "pkg" / "report" / "parity.json").read_text())
     assert data["passed"] is False and data["backends"]["onnxruntime"]["first_non_finite_stage"] == "vision"
+
+
+# ---------------------------------------------------------------------------- the output swap
+
+
+def _fake_package(folder: Path, marker: str) -> Path:
+    (folder / "graphs").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"format": "dyvte-package", "marker": marker}))
+    return folder
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+def test_swap_replaces_a_package_in_one_step(tmp_path, monkeypatch, exchange):
+    from exporter import output as out_module
+
+    if not exchange:  # a system without RENAME_EXCHANGE: lock + two renames
+        monkeypatch.setattr(out_module, "_renameat2", lambda *a: False)
+    target = _fake_package(tmp_path / "pkg", "old")
+    new = _fake_package(tmp_path / ".pkg.partial-1", "new")
+    out_module.swap_into_place(new, target)
+    assert json.loads((target / "manifest.json").read_text())["marker"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # nothing left beside it
+    fresh = _fake_package(tmp_path / ".other.partial-1", "first")
+    out_module.swap_into_place(fresh, tmp_path / "other")  # nothing there yet
+    assert json.loads((tmp_path / "other" / "manifest.json").read_text())["marker"] == "first"
+
+
+def test_concurrent_swaps_end_with_one_whole_package(tmp_path):
+    import threading
+
+    from exporter.output import swap_into_place
+
+    target = _fake_package(tmp_path / "pkg", "old")
+    errors = []
+
+    def export(i):
+        try:
+            swap_into_place(_fake_package(tmp_path / f".pkg.partial-{i}", str(i)), target)
+        except Exception as exc:  # noqa: BLE001 - the test reports any
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert json.loads((target / "manifest.json").read_text())["marker"] in {str(i) for i in range(8)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_interrupted_fallback_swap_is_restored_and_stale_partials_removed(tmp_path):
+    from exporter.output import remove_stale_partials, restore_interrupted_swap
+
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    _fake_package(tmp_path / f".pkg.old-{dead}", "old")  # killed between the two renames
+    _fake_package(tmp_path / f".pkg.partial-{dead}", "half")
+    _fake_package(tmp_path / f".pkg.partial-{os.getpid()}", "ours")  # a live export's: kept
+    (tmp_path / ".other.partial-1").mkdir()  # another output's: not ours to judge
+    restore_interrupted_swap(tmp_path / "pkg")
+    assert json.loads((tmp_path / "pkg" / "manifest.json").read_text())["marker"] == "old"
+    removed = remove_stale_partials(tmp_path / "pkg")
+    assert [p.name for p in removed] == [f".pkg.partial-{dead}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-1", f".pkg.partial-{os.getpid()}", "pkg"]
+
+
+def test_export_replaces_a_package_and_force_replaces_a_folder(tmp_path, capsys):
+    """Real exports: an earlier package is replaced (and a dead export's partial cleaned up);
+    a user's folder only with --force."""
+    import export
+    from engines.core.manifest import Manifest
+
+    package = tmp_path / "pkg"
+    stale = tmp_path / f".pkg.partial-{2**22 + 7}"
+    stale.mkdir()
+    args = ["--model", "vila", "--no-validate", "--no-progress", "--exit-window", "1:1"]
+    assert export.main([*args, "--output", str(package)]) == 0
+    assert export.main([*args, "--output", str(package)]) == 0  # a package may be replaced
+    assert not stale.exists()
+    user_folder(Env(tmp_path, tmp_path, tmp_path, tmp_path))
+    assert export.main([*args, "--output", str(tmp_path / "mine"), "--force"]) == 0
+    Manifest.load(tmp_path / "mine")
+    assert not (tmp_path / "mine" / "thesis.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pkg"]
+    capsys.readouterr()
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+    from collections import namedtuple
+
+    import export
+    from exporter import package as package_module
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(package_module.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    code = export.main(["--model", "vila", "--no-validate", "--no-progress", "--output", str(tmp_path / "pkg")])
+    assert_one_line_error(code, capsys.readouterr().err, 2, ("not enough space", "MiB are free"))
+    monkeypatch.undo()
+
+    def full(*args):  # the disk fills up while graphs are written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(package_module, "save_graph", full)
+    code = export.main(["--model", "vila", "--no-validate", "--no-progress", "--output", str(tmp_path / "pkg")])
+    assert_one_line_error(code, capsys.readouterr().err, 2, ("No space left on device",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_export_removes_the_partial(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "pkg"
+    proc = subprocess.Popen([sys.executable, str(root / "export.py"), "--model", "vila", "--output", str(out),
+                             "--no-validate", "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    partial = []
+    while time.time() < deadline and proc.poll() is None and not partial:
+        partial = [p for p in tmp_path.glob(".pkg.partial-*") if any((p / "graphs").glob("*.onnx"))]
+        time.sleep(0.1)
+    assert partial and proc.poll() is None, "the export ended before SIGTERM"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: no package was written" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_json_is_strict_with_nan_routers(sources, tmp_path, capsys):
+    import torch
+
+    from engines.cli import main
+
+    ckpt, _, img = sources
+    env = Env(tmp_path, ckpt, ckpt, img)
+    _router_file(env, {f"{l}.w1.weight": torch.full((8, 128), float("nan")) for l in range(4)})
+    code = main(["run", *[env.expand(a) for a in ckpt_run("--routers", "{tmp}/routers.safetensors")],
+                 "--exit-policy", "dynamic", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err
+    obj = _strict_json(out)
+    assert obj["exit_layer"] is None and obj["router_logits"]["0"] == [None, None]
+    assert "router logits after layer 0 are NaN or Inf" in err

@@ -271,14 +271,19 @@ def speed_section(manifest, prompt, runners: dict, exit_layer: int | None, repea
 
 def validate_package(package, model=None, images=None, prompts=None, thresholds: dict | None = None,
                      backends=("onnxruntime", "tensorrt"), max_new_tokens: int = 8, progress: bool = True,
-                     count: int = 8, speed_repeats: int = 3) -> ParityReport:
+                     count: int = 8, speed_repeats: int = 3, report_dir=None) -> ParityReport:
+    """Parity of `package`; the report goes to `report_dir` (default: the package's `report/`),
+    which is checked to be writable before any work."""
     from engines.core.manifest import Manifest
     from engines.load import open_package
+    from exporter.output import check_writable_folder
     from exporter.reference import package_reference
     from validation.samples import sample_prompts
 
     package = Path(package)
     manifest = Manifest.load(package)
+    report_dir = check_writable_folder(Path(report_dir) if report_dir else package / "report",
+                                       "pass --report-dir DIR to write the report elsewhere")
     precision = manifest.precision.name
     limits = {**DEFAULT_THRESHOLDS[precision], **(thresholds or {})}
     reference = package_reference(package, manifest, model)
@@ -314,14 +319,16 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
         "backends": results,
         "speed": speed,
     }
-    report_dir = package / "report"
-    report_dir.mkdir(exist_ok=True)
-    path = report_dir / "parity.json"
-    path.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False))
-    data["json"] = str(path)
     from validation.report_html import write_html
 
-    data["html"] = str(write_html(data, report_dir / "parity.html"))
+    path = report_dir / "parity.json"
+    try:
+        path.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False))
+        data["json"] = str(path)
+        data["html"] = str(write_html(data, report_dir / "parity.html"))
+    except OSError as exc:
+        raise DyVTEError(f"cannot write the report into {report_dir}: {exc.strerror or exc}; "
+                         "pass --report-dir DIR to write it elsewhere") from None
     return ParityReport(data)
 
 

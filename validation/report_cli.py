@@ -17,6 +17,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, default=8, help="number of built-in samples (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
+    parser.add_argument("--report-dir", help="folder for parity.json/parity.html (default: PACKAGE/report)")
 
 
 def read_thresholds(path: str | None) -> dict | None:
@@ -48,8 +49,19 @@ def read_thresholds(path: str | None) -> dict | None:
 def run(args) -> int:
     from validation.parity import validate_package
 
+    if args.samples < 1:
+        raise DyVTEError(f"--samples must be at least 1, not {args.samples}")
+    if args.max_new_tokens < 1:
+        raise DyVTEError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if args.images:
+        from validation.samples import user_pairs
+
+        user_pairs(args.images, args.prompts)
+    elif args.prompts:
+        raise DyVTEError("--prompts needs --images (a folder of images to ask about)")
     report = validate_package(args.package, images=args.images, prompts=args.prompts,
                               thresholds=read_thresholds(args.thresholds), count=args.samples,
-                              max_new_tokens=args.max_new_tokens, speed_repeats=0 if args.no_speed else 3)
+                              max_new_tokens=args.max_new_tokens, speed_repeats=0 if args.no_speed else 3,
+                              report_dir=args.report_dir)
     print(report.summary())
     return 0 if report.passed else 1
