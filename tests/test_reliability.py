@@ -587,25 +587,38 @@ def test_interrupted_fallback_swap_is_restored_and_stale_partials_removed(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-1", f".pkg.partial-{os.getpid()}", "pkg"]
 
 
-def test_export_replaces_a_package_and_force_replaces_a_folder(tmp_path, capsys):
-    """Real exports: an earlier package is replaced (and a dead export's partial cleaned up);
-    a user's folder only with --force."""
-    import export
+def test_export_replaces_a_package_and_cleans_dead_partials(sources, tmp_path):
+    """A real export over an earlier package (a copy of the session's): replaced, loadable, and a
+    dead export's partial beside it removed."""
     from engines.core.manifest import Manifest
+    from exporter.models.vila import Vila
+    from exporter.package import export_onnx
+    from exporter.plan import SplitPlan
 
-    package = tmp_path / "pkg"
+    _, pkg, _ = sources
+    package = Path(shutil.copytree(pkg, tmp_path / "pkg"))
+    before = Manifest.load(package).split.segments
     stale = tmp_path / f".pkg.partial-{2**22 + 7}"
     stale.mkdir()
-    args = ["--model", "vila", "--no-validate", "--no-progress", "--exit-window", "1:1"]
-    assert export.main([*args, "--output", str(package)]) == 0
-    assert export.main([*args, "--output", str(package)]) == 0  # a package may be replaced
-    assert not stale.exists()
+    model = Vila().preset(seed=5)
+    model.routers = None
+    export_onnx(model, package, plan=SplitPlan.parse("1:1", 4), progress=False)
+    assert Manifest.load(package).split.segments != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_force_replaces_a_user_folder_but_never_an_input(tmp_path):
+    from exporter.output import check_output, swap_into_place
+
     user_folder(Env(tmp_path, tmp_path, tmp_path, tmp_path))
-    assert export.main([*args, "--output", str(tmp_path / "mine"), "--force"]) == 0
-    Manifest.load(tmp_path / "mine")
-    assert not (tmp_path / "mine" / "thesis.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pkg"]
-    capsys.readouterr()
+    mine = tmp_path / "mine"
+    assert check_output(mine, force=True) == mine.resolve()
+    swap_into_place(_fake_package(tmp_path / ".mine.partial-1", "new"), mine, force=True)
+    assert not (mine / "thesis.txt").exists() and (mine / "manifest.json").is_file()
+    from engines.core.errors import DyVTEError
+
+    with pytest.raises(DyVTEError, match="an input of this export"):
+        check_output(mine, force=True, protect=[mine / "graphs"])
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
