@@ -189,6 +189,7 @@ class DyVTEServer:
         self.limits = ImageLimits(s.max_image_bytes, s.max_image_pixels, s.fetch_timeout_s, s.allow_fetch)
         self.context = self.runtime.backend.shape.max_positions
         self.created = int(time.time())
+        self.replica = serve.get_replica_context().replica_tag
 
     def __del__(self):
         scheduler = getattr(self, "scheduler", None)
@@ -207,7 +208,8 @@ class DyVTEServer:
 
     @api.get("/health")
     async def health(self):
-        return {"status": "ok", "model": self.settings.model_name, "queue_depth": self.scheduler.queue_depth,
+        return {"status": "ok", "model": self.settings.model_name, "replica": self.replica,
+                "queue_depth": self.scheduler.queue_depth,
                 "running": len(self.scheduler.running), "exit_policy": str(self.scheduler.policy)}
 
     @api.get("/v1/models")

@@ -40,8 +40,11 @@ def validation_error(exc: ValidationError | Exception, errors: list[dict] | None
     errors = errors if errors is not None else exc.errors()
     if not errors:
         return APIError(400, "invalid request")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # a union field reports one error per branch (`content.str`, `content.list[...]`): an unknown
+    # part's tag error says most; otherwise the first error, without the branch names
+    tagged = [e for e in errors if e.get("type") == "union_tag_invalid"]
+    first = tagged[0] if tagged else errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_branch(p)]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}", code="json_invalid")
     param = ".".join(loc) or None
@@ -51,6 +54,10 @@ def validation_error(exc: ValidationError | Exception, errors: list[dict] | None
     elif first.get("type") == "missing" and param == "messages":
         message = "'messages' is required"
     return APIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _is_branch(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
 
 
 # ---------------------------------------------------------------------- request
