@@ -52,7 +52,7 @@ from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
 from engines.core.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel, seeded
+from exporter.models.base import Family, MultimodalModel, assemble, preset_text_config, seeded
 from exporter.models.checkpoint import (
     load_safetensors,
     load_into,
@@ -61,8 +61,7 @@ from exporter.models.checkpoint import (
     weight_files,
     wrap_load_errors,
 )
-from exporter.models.decoder import TextDecoder
-from engines.core.prompt import Processor, PromptSpec
+from engines.core.prompt import PromptSpec
 from engines.core.templates import get_template, stop_token_ids
 from exporter.models.tokenizer import build_word_tokenizer
 from exporter.models.vila import VilaProjector
@@ -391,11 +390,8 @@ def _assemble(parts: EagleParts, template_name: str, source: dict) -> Multimodal
         image_aspect_ratio=root.get("image_aspect_ratio") or "resize",
         stop_token_ids=stop_token_ids(tok, template),
     )
-    processor = Processor(tok, parts.image_processor, spec)
-    decoder = TextDecoder(parts.llm.model, parts.llm.lm_head, parts.llm.config)
-    model = MultimodalModel("eagle", vision, decoder, processor, source=source)
-    model.native = parts
-    return model
+    return assemble("eagle", vision, tok, parts.image_processor, spec,
+                    (parts.llm.model, parts.llm.lm_head, parts.llm.config), source, parts)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -438,8 +434,7 @@ class Eagle(Family):
         p = PRESETS[name]
         generator = torch.Generator().manual_seed(seed)
         tok = build_word_tokenizer()
-        llm_cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **p["llm"])
+        llm_cfg = preset_text_config(tok, LlamaConfig, **p["llm"])
         llm = LlamaForCausalLM(llm_cfg).eval()
         names = p["experts"].split(";")
         experts = []

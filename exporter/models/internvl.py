@@ -38,11 +38,11 @@ from transformers import (
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
 from engines.core.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel, seeded
+from exporter.models.base import Family, MultimodalModel, assemble, preset_text_config, seeded
 from engines.core.errors import wrap_load_errors
 from exporter.models.checkpoint import hf_from_pretrained, read_json, require_dir
-from exporter.models.decoder import SUPPORTED_TEXT_MODEL_TYPES, TextDecoder
-from engines.core.prompt import Processor, PromptSpec
+from exporter.models.decoder import SUPPORTED_TEXT_MODEL_TYPES
+from engines.core.prompt import PromptSpec
 from exporter.models.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 
 # What InternVLProcessor reads from the tokenizer, with the published tokens as fallbacks.
@@ -247,11 +247,8 @@ def _assemble(parts: InternVLParts, source: dict, extra_stop_ids=()) -> Multimod
         add_special_tokens=add_special,
         stop_token_ids=_stop_token_ids(tok, extra_stop_ids),
     )
-    processor = Processor(tok, image_processor, spec)
-    decoder = TextDecoder(hf.model.language_model, hf.lm_head, cfg.text_config)
-    model = MultimodalModel("internvl", vision, decoder, processor, source=source)
-    model.native = parts
-    return model
+    return assemble("internvl", vision, tok, image_processor, spec,
+                    (hf.model.language_model, hf.lm_head, cfg.text_config), source, parts)
 
 
 def _read_chat_template(folder: Path, tokenizer) -> str:
@@ -281,9 +278,7 @@ class InternVL(Family):
             raise DyVTEError(f"unknown InternVL preset {name!r}; choose from {', '.join(PRESETS)}")
         p = PRESETS[name]
         tok = preset_tokenizer()
-        special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        text_config = TEXT_CONFIGS[p["text_model_type"]](vocab_size=len(tok), tie_word_embeddings=False,
-                                                         **special, **p["llm"])
+        text_config = preset_text_config(tok, TEXT_CONFIGS[p["text_model_type"]], **p["llm"])
         vision_config = InternVLVisionConfig(**p["vision"])
         side = p["vision"]["image_size"] // p["vision"]["patch_size"]
         per_tile = int(side * p["downsample_ratio"]) ** 2

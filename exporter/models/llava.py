@@ -37,7 +37,7 @@ from transformers import (
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
 from engines.core.errors import DyVTEError, wrap_load_errors
 from engines.core.prompt import IMAGE_PLACEHOLDER
-from exporter.models.base import Family, MultimodalModel, seeded
+from exporter.models.base import Family, MultimodalModel, assemble, preset_text_config, seeded
 from exporter.models.checkpoint import (
     hf_from_pretrained,
     load_into,
@@ -46,8 +46,7 @@ from exporter.models.checkpoint import (
     require_dir,
     weight_files,
 )
-from exporter.models.decoder import TextDecoder
-from engines.core.prompt import Processor, PromptSpec
+from engines.core.prompt import PromptSpec
 from engines.core.templates import get_template, stop_token_ids
 from exporter.models.tokenizer import build_word_tokenizer
 
@@ -301,11 +300,8 @@ class LlavaParts:
 
 
 def _model(parts: LlavaParts, vision: nn.Module, spec: PromptSpec, source: dict) -> MultimodalModel:
-    processor = Processor(parts.tokenizer, parts.image_processor, spec)
-    decoder = TextDecoder(parts.llm_base, parts.lm_head, parts.text_config)
-    model = MultimodalModel("llava", vision, decoder, processor, source=source)
-    model.native = parts
-    return model
+    return assemble("llava", vision, parts.tokenizer, parts.image_processor, spec,
+                    (parts.llm_base, parts.lm_head, parts.text_config), source, parts)
 
 
 def _assemble_hf(hf: LlavaForConditionalGeneration, tokenizer, image_processor, chat_template: str,
@@ -354,9 +350,7 @@ class Llava(Family):
         p = PRESETS[name]
         tok = build_word_tokenizer()
         # a preset may give a larger vocabulary than the word tokenizer's (real shapes)
-        text = LlamaConfig(**{"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
-                              "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-                              "tie_word_embeddings": False, **p["llm"]})
+        text = preset_text_config(tok, LlamaConfig, **p["llm"])
         vision = CLIPVisionConfig(**p["vision"])
         side = vision.image_size // vision.patch_size
         cfg = LlavaConfig(

@@ -29,8 +29,8 @@ from transformers import (
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
 from engines.core.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel, seeded
-from engines.core.prompt import Processor, PromptSpec
+from exporter.models.base import Family, MultimodalModel, assemble, preset_text_config, seeded
+from engines.core.prompt import PromptSpec
 from exporter.models.checkpoint import (
     hf_from_pretrained,
     load_into,
@@ -39,7 +39,6 @@ from exporter.models.checkpoint import (
     require_dir,
     wrap_load_errors,
 )
-from exporter.models.decoder import TextDecoder
 from engines.core.templates import get_template, guess_template, stop_token_ids
 from exporter.models.tokenizer import build_word_tokenizer
 
@@ -219,11 +218,8 @@ def _assemble(parts: VilaParts, template_name: str | None, source: dict) -> Mult
         image_aspect_ratio=root.get("image_aspect_ratio", "resize"),
         stop_token_ids=stop_token_ids(tok, template),
     )
-    processor = Processor(tok, parts.image_processor, spec)
-    decoder = TextDecoder(parts.llm.model, parts.llm.lm_head, parts.llm.config)
-    model = MultimodalModel("vila", vision, decoder, processor, source=source)
-    model.native = parts
-    return model
+    return assemble("vila", vision, tok, parts.image_processor, spec,
+                    (parts.llm.model, parts.llm.lm_head, parts.llm.config), source, parts)
 
 
 class Vila(Family):
@@ -235,8 +231,7 @@ class Vila(Family):
         p = PRESETS[name]
         template = p.get("template", "vicuna_v1")
         tok = build_word_tokenizer(extra_special=["<|im_start|>", "<|im_end|>"] if template == "hermes_2" else None)
-        llm_cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **p["llm"])
+        llm_cfg = preset_text_config(tok, LlamaConfig, **p["llm"])
         llm = LlamaForCausalLM(llm_cfg).eval()
         tower = SiglipVisionModel(SiglipVisionConfig(**p["vision"])).eval()
         projector = VilaProjector(p["projector"], p["vision"]["hidden_size"], p["llm"]["hidden_size"])
