@@ -359,3 +359,35 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event():
     assert payloads[1]["choices"][0]["delta"] == {"content": "one"}
     assert payloads[-1]["error"]["message"] == "the server is shutting down"
     assert not any(p.get("choices") and p["choices"][0]["finish_reason"] for p in payloads)  # never "finished"
+
+
+# ---------------------------------------------------------------------- deployment files, CLI
+
+
+def test_sample_configs_are_valid_serve_configs_for_the_app_builder(vila_package):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from engines.serve.app import ServeSettings, build_app
+
+    serve_config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    rayservice = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    assert rayservice["kind"] == "RayService"
+    for config in (serve_config, yaml.safe_load(rayservice["spec"]["serveConfigV2"])):
+        (app,) = ServeDeploySchema.model_validate(config).applications
+        module, _, name = app.import_path.partition(":")
+        assert (module, name) == ("engines.serve.app", "build_app")
+        args = {**app.args, "package": str(vila_package)}  # the samples' /models path is not here
+        assert ServeSettings.from_args(args).replicas == 2
+        assert build_app(args) is not None
+
+
+def test_serve_cli_refuses_bad_flags_in_one_line_before_starting_ray(capsys, tmp_path, vila_package):
+    from engines.cli import main
+
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: package folder not found: {tmp_path / 'nope'}"
+    assert main(["serve", str(vila_package), "--max-batch", "0"]) == 2
+    assert "max_batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(vila_package), "--exit-policy", "sometimes"]) == 2
+    assert "bad exit policy" in capsys.readouterr().err

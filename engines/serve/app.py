@@ -12,6 +12,7 @@ without limit) and the metrics export; this module only maps requests onto the s
 
 import asyncio
 import hmac
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -190,6 +191,7 @@ class DyVTEServer:
         self.context = self.runtime.backend.shape.max_positions
         self.created = int(time.time())
         self.replica = serve.get_replica_context().replica_tag
+        self.api_key = s.api_key or os.environ.get("DYVTE_API_KEY") or None  # (a config's runtime_env)
 
     def __del__(self):
         scheduler = getattr(self, "scheduler", None)
@@ -197,7 +199,7 @@ class DyVTEServer:
             scheduler.stop()
 
     def _authorize(self, request: Request) -> None:
-        key = self.settings.api_key
+        key = self.api_key
         if not key:
             return
         header = request.headers.get("authorization", "")
