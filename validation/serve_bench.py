@@ -114,6 +114,36 @@ def _overhead(url: str, bodies: list[dict]) -> dict:
             "overhead_ms_p50": statistics.median(diffs), "overhead_ms_p90": sorted(diffs)[int(0.9 * len(diffs))]}
 
 
+def engine_only(package: str, levels: list[int], n: int, max_tokens: int, max_batch: int, threads: int) -> dict:
+    """The same scheduler without HTTP or Ray: requests/s at each concurrency, in-flight vs one at a
+    time, so the engine's own gain is apart from the server's per-request cost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engines.load import open_package
+    from engines.scheduler import SamplingParams, Scheduler
+    from exporter.data.synthetic import labelled_sample
+
+    runtime = open_package(package, threads=threads)
+    samples = [labelled_sample("eval", i)[0] for i in range(n)]
+    prompts = [runtime.prepare(s.question, s.image) for s in samples]
+    policy = "dynamic" if runtime.backend.router_layers else "none"
+    out = {}
+    for name, batching in (("in-flight", True), ("one-at-a-time", False)):
+        scheduler = Scheduler(runtime, policy, max_batch=max_batch, max_queue=max(levels) + 8, batching=batching).start()
+        try:
+            rows = []
+            for c in levels:
+                todo = prompts[:max(n, c)]
+                start = time.perf_counter()
+                with ThreadPoolExecutor(c) as pool:
+                    list(pool.map(lambda p: scheduler.submit(p, SamplingParams(max_tokens=max_tokens)).result(), todo))
+                rows.append(len(todo) / (time.perf_counter() - start))
+            out[name] = rows
+        finally:
+            scheduler.stop()
+    return out
+
+
 def run(args) -> int:
     import asyncio
 
@@ -135,6 +165,8 @@ def run(args) -> int:
             package = str(export_onnx(model, Path(tmp) / "vila", "fp32", progress=False))
         elif not Path(package).is_dir():
             raise DyVTEError(f"package folder not found: {package}")
+        engine = engine_only(package, levels, max(args.requests, max(levels)), args.max_tokens, args.max_batch,
+                             args.threads)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -166,8 +198,13 @@ def run(args) -> int:
             ray.shutdown()
     print()
     print(table(results, overhead, levels))
+    print()
+    print("engine only (the scheduler in-process, no HTTP / Ray), requests/s: " + "; ".join(
+        f"c={c}: in-flight {a:.1f}, one at a time {b:.1f} ({a / b:.2f}x)"
+        for c, a, b in zip(levels, engine["in-flight"], engine["one-at-a-time"])))
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "overhead": overhead}, indent=2))
+        Path(args.json).write_text(json.dumps({"results": results, "overhead": overhead, "engine_only": engine},
+                                              indent=2))
     return 0
 
 
