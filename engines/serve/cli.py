@@ -26,6 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $DYVTE_API_KEY; none: open)")
     p.add_argument("--model-name", help="the model id clients send (default: the package folder's name)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per graph in a replica")
+    p.add_argument("--no-fetch", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica")
     p.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray instance (when no cluster is given)")
     return p
@@ -35,7 +36,8 @@ def settings_of(args) -> dict:
     return {"package": args.package, "backend": args.backend, "device": args.device, "replicas": args.replicas,
             "max_batch": args.max_batch, "max_queue": args.max_queue, "token_budget": args.token_budget,
             "batching": not args.no_batching, "exit_policy": args.exit_policy, "api_key": args.api_key,
-            "model_name": args.model_name, "threads": args.threads, "num_cpus": args.num_cpus}
+            "model_name": args.model_name, "threads": args.threads, "num_cpus": args.num_cpus,
+            "allow_fetch": not args.no_fetch}
 
 
 def serve_package(args) -> int:
