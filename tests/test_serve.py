@@ -234,6 +234,37 @@ def test_an_image_url_is_fetched_over_http(server, runtime):
         httpd.server_close()
 
 
+def test_a_full_replica_refuses_instead_of_buffering(server, vila_package, runtime):
+    """A second application, one replica with room for one running and one waiting request: a
+    burst of 12 gets some answers (each its solo answer) and refusals (429 from the scheduler's
+    queue or 503 from Serve's bounded router queue), nothing lost; afterwards it answers again."""
+    from ray import serve
+
+    from engines.serve.app import build_app
+
+    serve.run(build_app({"package": str(vila_package), "replicas": 1, "max_batch": 1, "max_queue": 1,
+                         "threads": 1, "num_cpus": 0.5, "model_name": "tight"}), name="tight", route_prefix="/tight")
+    try:
+        question, image = sample_pairs([1])[0]
+        body = {"model": "tight", "messages": user(question, data_url(png_bytes(image))), "temperature": 0,
+                "max_tokens": 24}
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as http:
+                return await asyncio.gather(*(http.post(f"{server}/tight/v1/chat/completions", json=body)
+                                              for _ in range(12)))
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        answered = codes.count(200)
+        assert answered >= 1 and answered + codes.count(429) + codes.count(503) == 12, codes
+        assert answered < 12, codes  # refused, not buffered
+        expected = solo(runtime, question, image, 24)[0]
+        again = httpx.post(f"{server}/tight/v1/chat/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == expected
+    finally:
+        serve.delete("tight")
+
+
 # ---------------------------------------------------------------------- bad requests
 
 
