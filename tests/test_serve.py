@@ -234,6 +234,24 @@ def test_an_image_url_is_fetched_over_http(server, runtime):
         httpd.server_close()
 
 
+def test_seeded_sampling_and_stop_strings_follow_the_runtime(server, runtime):
+    """temperature/top_p/seed give the runtime's own sampled tokens for that seed; a stop string
+    cuts the answer before it with finish_reason stop."""
+    question, image = sample_pairs([2])[0]
+    url = data_url(png_bytes(image))
+    config = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=7)
+    (sampled,) = runtime.generate([runtime.prepare(question, image)], "dynamic", config)
+    r = post(server, {"model": MODEL, "messages": user(question, url), "max_tokens": 8, "temperature": 0.8,
+                      "top_p": 0.9, "seed": 7})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == sampled.text
+    full = solo(runtime, question, image, 8)[0]
+    words = full.split()
+    assert len(words) >= 2, full
+    cut = post(server, {"model": MODEL, "messages": user(question, url), "max_tokens": 8, "temperature": 0,
+                        "stop": [words[1]]}).json()["choices"][0]
+    assert cut["message"]["content"] == full[:full.find(words[1])] and cut["finish_reason"] == "stop"
+
+
 def test_a_full_replica_refuses_instead_of_buffering(server, vila_package, runtime):
     """A second application, one replica with room for one running and one waiting request: a
     burst of 12 gets some answers (each its solo answer) and refusals (429 from the scheduler's
