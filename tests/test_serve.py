@@ -379,6 +379,26 @@ def test_prometheus_metrics_are_exported_through_ray(server):
     assert _value(text, "ray_dyvte_generated_tokens_total") > 32
 
 
+def test_a_client_that_drops_its_stream_cancels_its_request(server):
+    """The replica notices the disconnect and frees the batch slot: the request ends as
+    `cancelled` (Ray's metrics say so) instead of running to its max_tokens."""
+    import ray
+
+    body = {"model": MODEL, "messages": user("how many stars are there?"), "max_tokens": 400, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, cancelled = time.monotonic() + 30, 0.0
+    while time.monotonic() < deadline and not cancelled:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        cancelled = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith("ray_dyvte_requests_total{") and 'finish_reason="cancelled"' in line)
+        time.sleep(1)
+    assert cancelled >= 1
+
+
 def _value(text: str, name: str) -> float:
     """Sum of a metric's samples over its label sets."""
     total = 0.0
