@@ -3,7 +3,8 @@
 Commands: `report PACKAGE` (parity of an exported package; `python -m validation PACKAGE` is the
 same), `accuracy` (answers under each exit policy, with FLOPs), `bench` (what DyVTE buys, side by
 side), `export-bench` (a random real-size checkpoint of a family exported streamed, with validation:
-peak memory). One subparser per command, each module exposing `add_arguments(parser)` and `run(args) -> int`; errors print
+peak memory), `serve-bench` (the Ray Serve endpoint under load). One subparser per
+command, each module exposing `add_arguments(parser)` and `run(args) -> int`; errors print
 `error: ...` and exit 2.
 """
 
@@ -19,7 +20,10 @@ COMMANDS = {
     "report": ("validation.report_cli", "parity of an exported package against the PyTorch reference"),
     "accuracy": ("validation.accuracy", "accuracy, exit layers and FLOPs of none / dynamic / layer:K"),
     "bench": ("validation.bench", "DyVTE vs no exit vs monolithic graph vs transformers, side by side"),
-    "export-bench": ("validation.export_bench", "random real-size checkpoint exported streamed + validated: peak RSS, size, time"),
+    "export-bench": ("validation.export_bench", "random real-size checkpoint exported streamed + validated: "
+                                                 "peak RSS, size, time"),
+    "serve-bench": ("validation.serve_bench", "the Ray Serve endpoint under load: in-flight batching vs one at a "
+                                              "time vs exit off"),
 }
 
 
