@@ -202,6 +202,8 @@ def lazy_pretrained(cls, folder: Path, what: str, dtype: torch.dtype = torch.flo
     build = getattr(cls, "from_config", None) or cls._from_config
     model = empty_model(lambda: wrap_load_errors(f"{what} from {folder}", build, config, dtype=dtype))
     names = hf_key_map(model, index)
+    absent = [n for n, p in model.named_parameters() if n not in names]
+    names.update(published_names(model, absent))  # so that a missing weight is named as the file would name it
     tag_parameters(model, index, names.get, what, folder, dtype)
     return model.eval()
 

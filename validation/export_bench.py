@@ -219,6 +219,18 @@ def _peak_rss_gib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 2**20  # kB on Linux
 
 
+def _stage_peak_gib(reset: bool = False) -> float | None:
+    """This process's peak RSS since the last reset (Linux VmHWM; writing 5 to clear_refs resets it)."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+            return None
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration):
+        return None
+
+
 def run_family(args) -> int:
     """Write, load lazily, export streamed, validate on memory-mapped weights; print the figures."""
     from engines.core.manifest import Manifest
@@ -249,16 +261,30 @@ def run_family(args) -> int:
         export_rss = _peak_rss_gib()
         print(f"exported in {stages['export']:.0f} s (write {stages['write']:.0f} s, load {stages['load']:.1f} s), "
               f"peak RSS so far {export_rss:.2f} GiB; validating", file=sys.stderr, flush=True)
+        # the PyTorch reference alone on the lazy model first (its own peak), then the whole report
+        from exporter.reference import package_reference
+        from validation.parity import run_runner
+        from validation.samples import sample_prompts
+
+        _stage_peak_gib(reset=True)
+        start = time.perf_counter()
+        reference = package_reference(package, model=model)
+        run_runner(reference, sample_prompts(reference, None, None, count=args.samples), 2, False)
+        stages["reference"] = time.perf_counter() - start
+        reference_rss = _stage_peak_gib()
+        _stage_peak_gib(reset=True)
         start = time.perf_counter()
         report = validate_package(package, model=model, count=args.samples, max_new_tokens=2, speed_repeats=0,
                                   backends=("onnxruntime",), progress=False)
         stages["validate"] = time.perf_counter() - start
+        validate_rss = _stage_peak_gib()
         manifest = Manifest.load(package, verify=False)
         figures = {
             "family": args.family, "shape": CHECKPOINT_SHAPES[args.family][args.size], "precision": args.precision,
             "checkpoint_gib": weights / 2**30,
             "parameters": sum(p.numel() for p in model.parameters()),
             "peak_rss_gib": _peak_rss_gib(), "peak_rss_export_gib": export_rss,
+            "peak_rss_reference_gib": reference_rss, "peak_rss_validate_gib": validate_rss,
             "peak_rss_write_gib": _peak_rss_gib(resource.RUSAGE_CHILDREN),
             "package_gib": manifest.package_bytes / 2**30,
             "weights_gib": manifest.weights.parameter_bytes / 2**30,
@@ -270,7 +296,9 @@ def run_family(args) -> int:
     print(f"export-bench {figures['shape']} ({args.precision}, {figures['parameters'] / 1e9:.2f}B parameters, "
           f"checkpoint {figures['checkpoint_gib']:.2f} GiB; streaming: {why})\n"
           f"  peak RSS {figures['peak_rss_gib']:.2f} GiB for export + validation "
-          f"(export alone {export_rss:.2f} GiB; writing the checkpoint, a child, {figures['peak_rss_write_gib']:.2f} GiB)\n"
+          f"(export alone {export_rss:.2f} GiB; the PyTorch reference on lazy weights alone {reference_rss or 0:.2f} GiB; "
+          f"validate_package, with ONNX Runtime, {validate_rss or 0:.2f} GiB; writing the checkpoint, a child, "
+          f"{figures['peak_rss_write_gib']:.2f} GiB)\n"
           f"  package {figures['package_gib']:.2f} GiB for {figures['weights_gib']:.2f} GiB of weights "
           f"({figures['package_gib'] / figures['weights_gib']:.4f}x); parity {'PASSED' if report.passed else 'FAILED'}\n"
           f"  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
