@@ -45,6 +45,7 @@ def add_arguments(parser) -> None:
                         "(default /tmp/export-bench-FAMILY; deleted afterwards unless --keep)")
     parser.add_argument("--keep", action="store_true", help="with --family: keep the checkpoint and package")
     parser.add_argument("--samples", type=int, default=1, help="with --family: validation samples")
+    parser.add_argument("--no-validate", action="store_true", help="with --family: export only")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="no checkpoint: a meta-device model of this shape")
     parser.add_argument("--output", default="exports/llava-7b-random", help="with --shape: package directory")
     parser.add_argument("--precision", default="fp16", choices=sorted(DTYPES))
@@ -261,6 +262,15 @@ def run_family(args) -> int:
         export_rss = _peak_rss_gib()
         print(f"exported in {stages['export']:.0f} s (write {stages['write']:.0f} s, load {stages['load']:.1f} s), "
               f"peak RSS so far {export_rss:.2f} GiB; validating", file=sys.stderr, flush=True)
+        if args.no_validate:
+            manifest = Manifest.load(package, verify=False)
+            print(f"export-bench {CHECKPOINT_SHAPES[args.family][args.size]} ({args.precision}, no validation): "
+                  f"checkpoint {weights / 2**30:.2f} GiB, peak RSS {export_rss:.2f} GiB (writing, a child: "
+                  f"{_peak_rss_gib(resource.RUSAGE_CHILDREN):.2f} GiB), package {manifest.package_bytes / 2**30:.2f} "
+                  f"GiB for {manifest.weights.parameter_bytes / 2**30:.2f} GiB of weights "
+                  f"({manifest.package_bytes / manifest.weights.parameter_bytes:.4f}x); seconds: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+            return 0
         # the PyTorch reference alone on the lazy model first (its own peak), then the whole report
         from exporter.reference import package_reference
         from validation.parity import run_runner
