@@ -261,7 +261,7 @@ def run_family(args) -> int:
         stages["export"] = time.perf_counter() - start
         export_rss = _peak_rss_gib()
         print(f"exported in {stages['export']:.0f} s (write {stages['write']:.0f} s, load {stages['load']:.1f} s), "
-              f"peak RSS so far {export_rss:.2f} GiB; validating", file=sys.stderr, flush=True)
+              f"peak RSS so far {export_rss:.2f} GiB", file=sys.stderr, flush=True)
         if args.no_validate:
             manifest = Manifest.load(package, verify=False)
             print(f"export-bench {CHECKPOINT_SHAPES[args.family][args.size]} ({args.precision}, no validation): "
