@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routers", help="DyVTE router weights (.safetensors file or folder) to use instead")
     p.add_argument("--vision-tower", help="local vision tower folder (original LLaVA layout)")
     p.add_argument("--template", help="conversation template of original layouts (vicuna_v1, llama_3, hermes_2)")
-    p.add_argument("--output", help="package directory (default: ./exports/<model>)")
+    p.add_argument("--output", help="package directory (default: ./exports/<model>); an existing package there is "
+                   "replaced, anything else only with --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace --output even when it is not a package (never the checkpoint or another input)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--exit-window", help="START:END layers after which the exit may happen (inclusive), "
                    "'auto' to calibrate on sample inputs, 'none' for no exit; default: every layer")
@@ -62,9 +65,57 @@ def choose_plan(args, model, runtime_samples):
     return SplitPlan.parse(args.exit_window, layers)
 
 
+def check_args(args) -> Path:
+    """Every flag checked before any work starts (nothing is loaded or written yet); returns the
+    output path. Each problem is one `DyVTEError` naming the flag."""
+    from exporter.output import check_output
+    from validation.report_cli import read_thresholds
+    from validation.samples import read_prompts, user_pairs
+
+    window = args.exit_window
+    if window not in (None, "auto", "none"):
+        parts = window.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
+            raise DyVTEError(f"bad --exit-window {window!r}; use START:END with 0 <= START <= END (layers, "
+                             "0-based, inclusive), auto or none")
+    if args.images:
+        user_pairs(args.images, args.prompts)
+    elif args.prompts:
+        read_prompts(args.prompts)
+        raise DyVTEError("--prompts needs --images (a folder of images to ask about)")
+    read_thresholds(args.thresholds)
+    if args.backend in ("tensorrt", "all"):
+        from engines.backends.tensorrt_build import environment_problem
+
+        problem = environment_problem()
+        if problem:
+            raise DyVTEError(f"--backend {args.backend} builds TensorRT engines, which cannot run here: {problem}")
+    for flag in ("checkpoint", "routers", "vision_tower"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).exists():
+            raise DyVTEError(f"--{flag.replace('_', '-')} {value} does not exist")
+    protect = (args.checkpoint, args.routers, args.vision_tower, args.images, args.prompts, args.thresholds)
+    return check_output(Path(args.output or Path("exports") / args.model), args.force, protect)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
-    return run_cli(run, args, interrupted="interrupted: no package was written")
+    previous = None
+    try:  # SIGTERM is handled like Ctrl-C: the partial package is removed, nothing is left behind
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application owns the signals)
+        pass
+    try:
+        return run_cli(run, args, interrupted="interrupted: no package was written")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(args) -> int:
@@ -72,6 +123,7 @@ def run(args) -> int:
     from exporter.package import export_onnx
     from validation.samples import sample_prompts
 
+    output = check_args(args)
     options = {k: v for k, v in (("vision_tower", args.vision_tower), ("template", args.template)) if v}
     materialize = None
     if args.stream:
@@ -86,10 +138,10 @@ def run(args) -> int:
     model = load_model(args.model, args.checkpoint, args.routers, lazy=args.stream, **options)
     samples = lambda runtime: sample_prompts(runtime, args.images, args.prompts)  # noqa: E731
     plan = choose_plan(args, model, samples)
-    output = Path(args.output or Path("exports") / args.model)
     source = {"family": args.model, "checkpoint": args.checkpoint, "routers": args.routers, **options}
+    protect = (args.checkpoint, args.routers, args.vision_tower, args.images, args.prompts, args.thresholds)
     package = export_onnx(model, output, args.precision, plan, progress=not args.no_progress,
-                          source=source, materialize=materialize)
+                          source=source, materialize=materialize, force=args.force, protect=protect)
     print(f"package written: {package}")
     if args.backend in ("tensorrt", "all"):
         from engines.backends.tensorrt_build import build_engines

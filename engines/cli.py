@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from engines.policy import ExitPolicy, GenerationConfig
-from engines.core.errors import DyVTEError, run_cli
+from engines.core.errors import DyVTEError, run_cli, warn
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -124,8 +125,13 @@ def run(args) -> int:
         }
         for r in results
     ]
-    if args.json:
-        print(json.dumps(objects[0] if len(objects) == 1 else {"results": objects}))
+    for i, r in enumerate(results):
+        bad = sorted(k for k, v in r.router_logits.items() if not all(math.isfinite(x) for x in v))
+        if bad:
+            warn(f"sample {i}: router logits after layer {bad[0]} are NaN or Inf (damaged routers?): "
+                 "the sample cannot exit there")
+    if args.json:  # strict JSON: NaN/Inf become null
+        print(json.dumps(_finite(objects[0] if len(objects) == 1 else {"results": objects}), allow_nan=False))
     else:
         for obj in objects:
             exit_text = "never" if obj["exit_layer"] is None else f"after layer {obj['exit_layer']}"
@@ -137,6 +143,16 @@ def run(args) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def _finite(obj):
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def build(args) -> int:

@@ -16,7 +16,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image
@@ -75,24 +75,38 @@ def export_onnx(
     overwrite: bool = True,
     source: dict | None = None,
     materialize: Callable[[torch.nn.Module], ContextManager] | None = None,
+    force: bool = False,
+    protect: Sequence[str | Path | None] = (),
 ) -> Path:
     """Write the package for `model` to `output` (atomically) and return its path.
 
-    `materialize(module)` is entered around each graph's export: a model whose weights are not
-    in memory yet (meta tensors) loads them there and drops them on exit, so peak memory stays
-    near the largest graph rather than the whole model."""
+    `output` may be new, an empty folder or an earlier package; anything else is refused unless
+    `force` (`exporter.output.check_output`); the model's checkpoint and the `protect`ed paths are
+    never replaced. `materialize(module)` is entered around each graph's export: a model whose
+    weights are not in memory yet (meta tensors) loads them there and drops them on exit, so peak
+    memory stays near the largest graph rather than the whole model."""
+    from exporter.output import (check_output, os_error, partial_name, remove_stale_partials,
+                                 restore_interrupted_swap, swap_into_place)
+
     precision = get_precision(precision)
     if precision.quantized:
         raise DyVTEError(f"precision {precision} is not supported by this exporter yet; choose fp32 or fp16")
-    output = Path(output).resolve()
-    if output.exists() and not overwrite:
+    protect = (*protect, (model.source or {}).get("checkpoint"))
+    output = check_output(output, force, protect)
+    if os.path.lexists(output) and not overwrite:
         raise DyVTEError(f"{output} exists; pass --overwrite to replace it")
     plan = plan or SplitPlan.full(model.shape.num_layers)
     started = time.perf_counter()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "graphs").mkdir(parents=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        restore_interrupted_swap(output)
+        remove_stale_partials(output)
+        _check_free_space(output.parent, weights_bytes(model, precision))
+        tmp = partial_name(output)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "graphs").mkdir(parents=True)
+    except OSError as exc:
+        raise os_error("write the package to", output, exc) from None
     try:
         graphs = _export_graphs(model, tmp / "graphs", precision, plan, progress, materialize or _in_memory)
         model.processor.save(tmp / "processor")
@@ -100,11 +114,24 @@ def export_onnx(
         if source is not None:
             manifest.source = dict(source)
         manifest.save(tmp)
-        _replace(tmp, output)
+        swap_into_place(tmp, output, force, protect)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno is None:  # not the filesystem's refusal: an internal error
+            raise
+        raise os_error("write the package to", output, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    """Refuse before exporting when the filesystem has less room than the weights need."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DyVTEError(f"not enough space in {folder}: the package needs about {needed / 2**20:.0f} MiB, "
+                         f"{free / 2**20:.0f} MiB are free; free some space or choose another --output")
 
 
 @contextmanager
@@ -200,15 +227,3 @@ def _source(model: MultimodalModel) -> dict:
     """The model's source record, plus the digest of its routers (checked when the reference is rebuilt)."""
     digest = model.routers.digest() if model.routers is not None else None
     return {**model.source, **({"routers_sha256": digest} if digest else {})}
-
-
-def _replace(tmp: Path, output: Path) -> None:
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-

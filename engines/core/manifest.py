@@ -692,6 +692,15 @@ def _check_consistency(m: Manifest, where: str) -> None:
             raise fail(f"there must be exactly one {role} graph")
     if m.split.has_routers and len(m.by_role("hypernet")) != 1:
         raise fail("split.has_routers is true but there is no hypernet graph")
+    if not m.split.has_routers and m.by_role("hypernet"):
+        raise fail("split.has_routers is false but the package has a hypernet graph")
+    if len(m.by_role("decode")) > 1:
+        raise fail("there must be at most one decode graph")
+    for g in m.graphs:  # runtimes open the single-role graphs by name
+        if g.role != "decoder" and g.name != g.role:
+            raise fail(f"the {g.role} graph must be named {g.role!r}, not {g.name!r}")
+        if (g.role == "decoder") != (g.layers is not None):
+            raise fail(f"graph {g.name}: layers must be given for decoder graphs only")
     segs = m.segment_graphs
     if tuple(g.layers for g in segs) != m.split.segments:
         raise fail(f"decoder graphs cover layers {[g.layers for g in segs]}, the split {list(m.split.segments)}")

@@ -79,6 +79,8 @@ class VilaProjector(nn.Module):
     def __init__(self, kind: str, mm_hidden: int, hidden: int):
         super().__init__()
         self.kind = kind
+        if not isinstance(kind, str):
+            kind = repr(kind)  # null or a number: refused below by name
         if kind == "linear":
             self.layers = nn.Linear(mm_hidden, hidden)
         elif kind in ("mlp_downsample", "mlp_downsample_2x2_fix"):
@@ -199,9 +201,12 @@ def _assemble(parts: VilaParts, template_name: str | None, source: dict) -> Mult
         raise DyVTEError(f"unsupported mm_vision_select_feature {select_feature!r}")
     if root.get("mm_use_im_start_end"):
         raise DyVTEError("mm_use_im_start_end=true checkpoints are not supported yet")
-    vision = TowerWithProjector(
-        parts.tower, parts.projector, int(root.get("mm_vision_select_layer", -2)), select_feature == "patch"
-    )
+    select_layer = root.get("mm_vision_select_layer", -2)
+    depth = parts.tower.config.num_hidden_layers
+    if isinstance(select_layer, bool) or not isinstance(select_layer, int) or not -depth - 1 <= select_layer <= depth:
+        raise DyVTEError(f"config.json: mm_vision_select_layer must be an integer in {-depth - 1}..{depth} "
+                         f"(a layer of the {depth}-layer vision tower), not {select_layer!r}")
+    vision = TowerWithProjector(parts.tower, parts.projector, select_layer, select_feature == "patch")
     tok = parts.tokenizer
     template = get_template(template_name) if template_name else guess_template(tok)
     vcfg = parts.tower.config
