@@ -298,6 +298,8 @@ def bad_requests():
     return [
         ("malformed JSON", b'{"model": "vila", "messages": [', KEY, 400, "not valid JSON"),
         ("not an object", b'[1, 2]', KEY, 400, ""),
+        ("text that is not Unicode", b'{"model": "vila", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+         KEY, 400, ""),
         ("no messages", {"model": MODEL}, KEY, 400, "messages"),
         ("empty messages", {"model": MODEL, "messages": []}, KEY, 400, "messages"),
         ("unknown content part", {"model": MODEL, "messages": user(question, None, {"type": "input_audio",
