@@ -682,3 +682,21 @@ def test_run_json_is_strict_with_nan_routers(sources, tmp_path, capsys):
     obj = _strict_json(out)
     assert obj["exit_layer"] is None and obj["router_logits"]["0"] == [None, None]
     assert "router logits after layer 0 are NaN or Inf" in err
+
+
+@pytest.mark.parametrize("kind", [None, 3, ["mlp2x_gelu"]])
+def test_llava_original_projector_type_must_be_a_name(kind):
+    from engines.core.errors import DyVTEError
+    from exporter.models.llava import original_projector
+
+    with pytest.raises(DyVTEError, match="unsupported mm_projector_type"):
+        original_projector(kind, 8, 8)
+
+
+@pytest.mark.parametrize("value", ["last", 1.5, True, 99])
+def test_config_integers_are_checked_by_name(value):
+    from engines.core.errors import DyVTEError
+    from exporter.models.checkpoint import config_int
+
+    with pytest.raises(DyVTEError, match="mm_vision_select_layer must be an integer"):
+        config_int({"mm_vision_select_layer": value}, "mm_vision_select_layer", -2, "config.json", -4, 3)
