@@ -289,6 +289,8 @@ CASES += [
              file=str(env.pkg_source / "graphs" / "vision.onnx")))),
     Case("manifest-graph-path-climbs-out", "run", pkg_run(), ("not a path inside the package",),
          setup=manifest_edit(lambda d: d["graphs"][_graph_index(d, "vision")].update(file="../x/graphs/vision.onnx"))),
+    Case("manifest-weights-path-climbs-out", "run", pkg_run(), ("not a path inside the package",),
+         setup=manifest_edit(lambda d: d["weights"].update(file="../../weights.bin"))),
     Case("manifest-files-table-removed", "run", pkg_run(), ("lists no files",), setup=manifest_edit(_pop("files"))),
     Case("graph-is-a-fifo", "run", pkg_run(), ("graphs/vision.onnx", "not a regular file"),
          setup=lambda env: graph_file(env, "vision", os.mkfifo)),
