@@ -702,3 +702,17 @@ def test_config_integers_are_checked_by_name(value):
 
     with pytest.raises(DyVTEError, match="mm_vision_select_layer must be an integer"):
         config_int({"mm_vision_select_layer": value}, "mm_vision_select_layer", -2, "config.json", -4, 3)
+
+
+def test_prompt_bytes_that_are_not_utf8_from_a_real_command_line(sources):
+    """argv bytes reach Python as lone surrogates; the subprocess sees exactly what a shell passes."""
+    import subprocess
+    import sys
+
+    _, pkg, img = sources
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"engines", b"run", str(pkg).encode(), b"--image",
+                           str(img).encode(), b"--prompt", b"caf\xe9?"], cwd=root, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert_one_line_error(proc.returncode, err, 2, ("prompt is not valid UTF-8",))
