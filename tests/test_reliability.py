@@ -521,6 +521,7 @@ def test_nan_checkpoint_export_fails_its_report_at_the_vision_stage(vila_checkpo
     out, err = capsys.readouterr()
     assert code == 1, err[-2000:]
     assert "parity: FAILED" in out and "first non-finite stage: vision" in out
+    assert "warning: the model's weight" in err and "NaN or Inf" in err
     data = _strict_json((tmp_path / "pkg" / "report" / "parity.json").read_text())
     assert data["passed"] is False and data["backends"]["onnxruntime"]["first_non_finite_stage"] == "vision"
 
@@ -716,3 +717,15 @@ def test_prompt_bytes_that_are_not_utf8_from_a_real_command_line(sources):
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
     err = proc.stderr.decode("utf-8", "replace")
     assert_one_line_error(proc.returncode, err, 2, ("prompt is not valid UTF-8",))
+
+
+def test_package_with_nan_routers_fails_the_report_at_the_first_router(vila_package, vila_exit_model, tmp_path):
+    from helpers import perturb_weight
+    from validation.parity import validate_package
+
+    package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
+    perturb_weight(package, "hypernet", scale=NAN)
+    report = validate_package(package, model=vila_exit_model, speed_repeats=0, count=2, max_new_tokens=2)
+    ort = report.data["backends"]["onnxruntime"]
+    assert not report.passed and ort["first_non_finite_stage"] == "router 0"
+    assert "first non-finite stage: router 0" in report.summary()
