@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-text", type=int, default=512, help="most text tokens of a prompt")
     build.add_argument("--precision", choices=("fp32", "fp16"), help="engine precision (default: the package's)")
     build.add_argument("--workspace-gb", type=float, default=8)
+    from engines.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -160,6 +163,12 @@ def build(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    from engines.serve.cli import serve_package
+
+    return serve_package(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli({"run": run, "build": build}[args.command], args)
+    return run_cli({"run": run, "build": build, "serve": serve}[args.command], args)
