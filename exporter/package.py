@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from exporter import __version__
-from engines.core.errors import DyVTEError
+from engines.core.errors import DyVTEError, warn
 from engines.core.manifest import Architecture, ExportInfo, GraphEntry, Manifest, Split, TensorInfo, Weights
 from engines.core.precision import Precision, get_precision
 from exporter.graphs import graph_specs
@@ -96,6 +96,7 @@ def export_onnx(
     if os.path.lexists(output) and not overwrite:
         raise DyVTEError(f"{output} exists; pass --overwrite to replace it")
     plan = plan or SplitPlan.full(model.shape.num_layers)
+    _warn_non_finite(model)
     started = time.perf_counter()
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,16 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _warn_non_finite(model: MultimodalModel) -> None:
+    """Weights holding NaN or Inf export as they are (the parity report then fails on them): say so
+    now, naming the first. Weights still on disk (streamed) are not read for this."""
+    for name, p in model.named_parameters():
+        if not p.is_meta and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            warn(f"the model's weight {name} holds NaN or Inf; the package will compute NaN "
+                 "(validation fails on it)")
+            return
 
 
 def _check_free_space(folder: Path, needed: int) -> None:

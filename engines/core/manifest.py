@@ -419,6 +419,9 @@ class Manifest:
         manifest = _parse(data, str(path))
         for entry in manifest.graphs:  # every graph the runtime may open lies inside the package
             manifest.resolve(package, entry.file)
+        manifest.resolve(package, manifest.weights.file)
+        for entry in manifest.tensorrt.engines:
+            manifest.resolve(package, entry.file)
         if verify:
             manifest.verify_files(package)
         return manifest
