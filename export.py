@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", help="local vision tower folder (original LLaVA layout)")
     p.add_argument("--template", help="conversation template of original layouts (vicuna_v1, llama_3, hermes_2)")
     p.add_argument("--output", help="package directory (default: ./exports/<model>)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
+                   help="fp32/fp16 float graphs; int8/int4: weight-only quantized decoder and LM head "
+                        "(ONNX Runtime's MatMulNBits quantizer, symmetric, block-wise; see exporter/quantize.py)")
+    p.add_argument("--quant-block", type=int, help="int8/int4: weights per scale along K (power of two >= 16 "
+                   "dividing the hidden size; default 32)")
     p.add_argument("--exit-window", help="START:END layers after which the exit may happen (inclusive), "
                    "'auto' to calibrate on sample inputs, 'none' for no exit; default: every layer")
     p.add_argument("--backend", choices=("onnx", "tensorrt", "all"), default="onnx",
@@ -84,12 +88,16 @@ def run(args) -> int:
 
         materialize = stream_weights
     model = load_model(args.model, args.checkpoint, args.routers, lazy=args.stream, **options)
+    from exporter.quantize import check_config
+    from engines.core.precision import get_precision
+
+    check_config(get_precision(args.precision), args.quant_block, model.shape)  # before any export work
     samples = lambda runtime: sample_prompts(runtime, args.images, args.prompts)  # noqa: E731
     plan = choose_plan(args, model, samples)
     output = Path(args.output or Path("exports") / args.model)
     source = {"family": args.model, "checkpoint": args.checkpoint, "routers": args.routers, **options}
     package = export_onnx(model, output, args.precision, plan, progress=not args.no_progress,
-                          source=source, materialize=materialize)
+                          source=source, materialize=materialize, quant_block=args.quant_block)
     print(f"package written: {package}")
     if args.backend in ("tensorrt", "all"):
         from engines.backends.tensorrt_build import build_engines
