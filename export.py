@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "replaced, anything else only with --force")
     p.add_argument("--force", action="store_true",
                    help="replace --output even when it is not a package (never the checkpoint or another input)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
+                   help="fp32/fp16 float graphs; int8/int4: weight-only quantized decoder and LM head "
+                        "(ONNX Runtime's MatMulNBits quantizer, symmetric, block-wise; see exporter/quantize.py)")
+    p.add_argument("--quant-block", type=int, help="int8/int4: weights per scale along K (power of two >= 16 "
+                   "dividing the hidden size; default 32)")
     p.add_argument("--exit-window", help="START:END layers after which the exit may happen (inclusive), "
                    "'auto' to calibrate on sample inputs, 'none' for no exit; default: every layer")
     p.add_argument("--backend", choices=("onnx", "tensorrt", "all"), default="onnx",
@@ -139,12 +143,17 @@ def run(args) -> int:
             raise DyVTEError("--exit-window auto runs the model to calibrate; give START:END with --stream")
         materialize = stream_weights if stream else None
     model = load_model(args.model, args.checkpoint, args.routers, lazy=stream, **options)
+    from exporter.quantize import check_config
+    from engines.core.precision import get_precision
+
+    check_config(get_precision(args.precision), args.quant_block, model.shape)  # before any export work
     samples = lambda runtime: sample_prompts(runtime, args.images, args.prompts)  # noqa: E731
     plan = choose_plan(args, model, samples)
     source = {"family": args.model, "checkpoint": args.checkpoint, "routers": args.routers, **options}
     protect = (args.checkpoint, args.routers, args.vision_tower, args.images, args.prompts, args.thresholds)
     package = export_onnx(model, output, args.precision, plan, progress=not args.no_progress,
-                          source=source, materialize=materialize, force=args.force, protect=protect)
+                          source=source, materialize=materialize, force=args.force, protect=protect,
+                          quant_block=args.quant_block)
     print(f"package written: {package}")
     if args.backend in ("tensorrt", "all"):
         from engines.backends.tensorrt_build import build_engines

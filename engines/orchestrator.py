@@ -16,6 +16,7 @@ import torch
 
 from engines.backends.base import Backend
 from engines.kv_cache import KVCache
+from engines.memory import RuntimeLimits
 from engines.policy import ExitPolicy, GenerationConfig, TokenSampler
 from engines.core.dyvte import drop_visual, exit_decision, layout_prompts, router_weights, splice_visual
 from engines.core.errors import DyVTEError
@@ -64,9 +65,17 @@ class Cohort:
 class Runtime:
     """Generation with DyVTE on any backend: `Runtime(backend, processor).generate(prompts, ...)`."""
 
-    def __init__(self, backend: Backend, processor):
+    def __init__(self, backend: Backend, processor, limits: RuntimeLimits | None = None):
+        """`limits`: the batch / token budget `generate` and `prefill` enforce (None: unbounded,
+        as for the PyTorch reference in training); `open_package` sets one."""
         self.backend = backend
         self.processor = processor
+        self.limits = limits
+
+    def admits(self, batch: int, tokens: int) -> bool:
+        """Whether a batch of `batch` rows holding `tokens` cache positions in all (prompts + new
+        tokens) is within this runtime's limits (what a scheduler asks before joining requests)."""
+        return self.limits is None or self.limits.admits(batch, tokens)
 
     def prepare(self, question: str, image=None) -> Prompt:
         return self.processor.build(question, image)
@@ -90,7 +99,18 @@ class Runtime:
         them (with policy `none`)."""
         policy = ExitPolicy.parse(policy) if isinstance(policy, str) else policy
         config = config or GenerationConfig()
-        self.check(prompts, policy, config.max_new_tokens)
+        self.check(prompts, policy, config.max_new_tokens, whole_batch=False)
+        chunks = self._chunks(prompts, config.max_new_tokens)
+        if len(chunks) > 1:  # over the limits: run in batches that fit, results in order
+            out: list[Generation] = []
+            for start, stop in chunks:
+                tokens = observed = None
+                if on_token is not None:
+                    tokens = lambda sample, token, _o=start: on_token(sample + _o, token)  # noqa: E731
+                if observe is not None:
+                    observed = lambda stage, sample, t, _o=start: observe(stage, sample + _o, t)  # noqa: E731
+                out += self.generate(prompts[start:stop], policy, config, tokens, observed, probe_routers)
+            return out
         results = [Generation(list(p.input_ids), p.visual_span) for p in prompts]
         t0 = time.perf_counter()
         batch = self.prefill(prompts, policy, results, observe, probe_routers, reserve=config.max_new_tokens)
@@ -136,9 +156,25 @@ class Runtime:
 
     # ------------------------------------------------------------------ checks
 
-    def check(self, prompts: list[Prompt], policy: ExitPolicy, max_new_tokens: int) -> None:
+    def _chunks(self, prompts: list[Prompt], max_new_tokens: int) -> list[tuple[int, int]]:
+        """Consecutive [start, stop) ranges of `prompts` that each fit the runtime's limits."""
+        if self.limits is None:
+            return [(0, len(prompts))]
+        chunks, start, tokens = [], 0, 0
+        for i, p in enumerate(prompts):
+            need = len(p.input_ids) + max_new_tokens
+            if i > start and not self.limits.admits(i - start + 1, tokens + need):
+                chunks.append((start, i))
+                start, tokens = i, 0
+            tokens += need
+        chunks.append((start, len(prompts)))
+        return chunks
+
+    def check(self, prompts: list[Prompt], policy: ExitPolicy, max_new_tokens: int, whole_batch: bool = True) -> None:
         """Refuse (DyVTEError) what this backend cannot run: no prompts, a dynamic policy without
-        routers, a static exit where no segment ends, a prompt too long for the context."""
+        routers, a static exit where no segment ends, a prompt too long for the context, a prompt
+        over the runtime's token limit, and (`whole_batch`, for callers that cannot split it) a
+        batch over the runtime's limits."""
         b = self.backend
         if not prompts:
             raise DyVTEError("nothing to generate: no prompts given")
@@ -160,6 +196,12 @@ class Runtime:
                     f"prompt {i} has {len(p.input_ids)} tokens (with the image); with {max_new_tokens} "
                     f"new tokens it exceeds the model's context of {limit} positions"
                 )
+        if self.limits is not None:
+            if whole_batch:
+                self.limits.check(len(prompts), sum(len(p.input_ids) + max_new_tokens for p in prompts))
+            else:
+                for p in prompts:
+                    self.limits.check(1, len(p.input_ids) + max_new_tokens)
 
     # ------------------------------------------------------------------ stages
 
@@ -304,3 +346,4 @@ def _ranges(values: list[int]) -> str:
             out.append(f"{start}..{prev}" if prev != start else f"{start}")
             start = cur
     return ", ".join(out)
+

@@ -289,6 +289,8 @@ CASES += [
              file=str(env.pkg_source / "graphs" / "vision.onnx")))),
     Case("manifest-graph-path-climbs-out", "run", pkg_run(), ("not a path inside the package",),
          setup=manifest_edit(lambda d: d["graphs"][_graph_index(d, "vision")].update(file="../x/graphs/vision.onnx"))),
+    Case("manifest-weights-path-climbs-out", "run", pkg_run(), ("not a path inside the package",),
+         setup=manifest_edit(lambda d: d["weights"].update(file="../../weights.bin"))),
     Case("manifest-files-table-removed", "run", pkg_run(), ("lists no files",), setup=manifest_edit(_pop("files"))),
     Case("graph-is-a-fifo", "run", pkg_run(), ("graphs/vision.onnx", "not a regular file"),
          setup=lambda env: graph_file(env, "vision", os.mkfifo)),
@@ -519,6 +521,7 @@ def test_nan_checkpoint_export_fails_its_report_at_the_vision_stage(vila_checkpo
     out, err = capsys.readouterr()
     assert code == 1, err[-2000:]
     assert "parity: FAILED" in out and "first non-finite stage: vision" in out
+    assert "warning: the model's weight" in err and "NaN or Inf" in err
     data = _strict_json((tmp_path / "pkg" / "report" / "parity.json").read_text())
     assert data["passed"] is False and data["backends"]["onnxruntime"]["first_non_finite_stage"] == "vision"
 
@@ -682,3 +685,47 @@ def test_run_json_is_strict_with_nan_routers(sources, tmp_path, capsys):
     obj = _strict_json(out)
     assert obj["exit_layer"] is None and obj["router_logits"]["0"] == [None, None]
     assert "router logits after layer 0 are NaN or Inf" in err
+
+
+@pytest.mark.parametrize("kind", [None, 3, ["mlp2x_gelu"]])
+def test_llava_original_projector_type_must_be_a_name(kind):
+    from engines.core.errors import DyVTEError
+    from exporter.models.llava import original_projector
+
+    with pytest.raises(DyVTEError, match="unsupported mm_projector_type"):
+        original_projector(kind, 8, 8)
+
+
+@pytest.mark.parametrize("value", ["last", 1.5, True, 99])
+def test_config_integers_are_checked_by_name(value):
+    from engines.core.errors import DyVTEError
+    from exporter.models.checkpoint import config_int
+
+    with pytest.raises(DyVTEError, match="mm_vision_select_layer must be an integer"):
+        config_int({"mm_vision_select_layer": value}, "mm_vision_select_layer", -2, "config.json", -4, 3)
+
+
+def test_prompt_bytes_that_are_not_utf8_from_a_real_command_line(sources):
+    """argv bytes reach Python as lone surrogates; the subprocess sees exactly what a shell passes."""
+    import subprocess
+    import sys
+
+    _, pkg, img = sources
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"engines", b"run", str(pkg).encode(), b"--image",
+                           str(img).encode(), b"--prompt", b"caf\xe9?"], cwd=root, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert_one_line_error(proc.returncode, err, 2, ("prompt is not valid UTF-8",))
+
+
+def test_package_with_nan_routers_fails_the_report_at_the_first_router(vila_package, vila_exit_model, tmp_path):
+    from helpers import perturb_weight
+    from validation.parity import validate_package
+
+    package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
+    perturb_weight(package, "hypernet", scale=NAN)
+    report = validate_package(package, model=vila_exit_model, speed_repeats=0, count=2, max_new_tokens=2)
+    ort = report.data["backends"]["onnxruntime"]
+    assert not report.passed and ort["first_non_finite_stage"] == "router 0"
+    assert "first non-finite stage: router 0" in report.summary()

@@ -39,6 +39,16 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def config_int(config: dict, key: str, default: int, where: str, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer setting of a checkpoint config (booleans, text and floats refused by name)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) or \
+            (hi is not None and value > hi):
+        span = f" in {lo}..{hi}" if lo is not None and hi is not None else ""
+        raise DyVTEError(f"{where}: {key} must be an integer{span}, not {value!r}")
+    return value
+
+
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 

@@ -39,6 +39,7 @@ from engines.core.errors import DyVTEError, wrap_load_errors
 from engines.core.prompt import IMAGE_PLACEHOLDER
 from exporter.models.base import Family, MultimodalModel, assemble, preset_text_config, seeded
 from exporter.models.checkpoint import (
+    config_int,
     hf_from_pretrained,
     load_into,
     load_safetensors,
@@ -141,7 +142,7 @@ def original_projector(kind: str, mm_hidden: int, hidden: int) -> nn.Module:
     """The original code base's `mm_projector`: module indices match, so `model.mm_projector.*` loads."""
     if kind == "linear":
         return nn.Linear(mm_hidden, hidden)
-    match = re.fullmatch(r"mlp(\d+)x_gelu", kind or "")
+    match = re.fullmatch(r"mlp(\d+)x_gelu", kind) if isinstance(kind, str) else None
     if match:
         mods: list[nn.Module] = [nn.Linear(mm_hidden, hidden)]
         for _ in range(int(match.group(1)) - 1):
@@ -495,7 +496,7 @@ class Llava(Family):
             llm = hf_from_pretrained(LlamaForCausalLM, checkpoint, "LLaVA language model", dtype, config=text_config)
             tower = hf_from_pretrained(CLIPVisionModel, vt_dir, "LLaVA vision tower", dtype)
         _keep_file_lm_head(llm.lm_head, llm.model.embed_tokens, checkpoint, ("lm_head.weight",), index)
-        mm_hidden = int(root.get("mm_hidden_size", tower.config.hidden_size))
+        mm_hidden = config_int(root, "mm_hidden_size", tower.config.hidden_size, f"{checkpoint}/config.json", 1)
         if mm_hidden != tower.config.hidden_size:
             raise DyVTEError(
                 f"the vision tower at {vt_dir} has hidden size {tower.config.hidden_size}; the checkpoint's "
@@ -511,7 +512,8 @@ class Llava(Family):
                                      str(checkpoint), local_files_only=True)
         conv = get_template(template or "vicuna_v1")
         drop_cls = select_feature == "patch"
-        select_layer = int(root.get("mm_vision_select_layer", -2))
+        depth = tower.config.num_hidden_layers
+        select_layer = config_int(root, "mm_vision_select_layer", -2, f"{checkpoint}/config.json", -depth - 1, depth)
         vision = LlavaVision(tower, projector, (select_layer,), drop_cls)
         spec = PromptSpec(
             template=f"conversation:{conv.name}",
