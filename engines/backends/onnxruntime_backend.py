@@ -4,12 +4,16 @@ Inputs are bound straight from the orchestrator's torch tensors and outputs are 
 torch tensors allocated on the same device, so hidden states and KV caches never leave the device
 they live on (CPU here; CUDA with the CUDA/TensorRT execution providers).
 
-Memory (issue 10): every graph's weights are OrtValues over one read-only memory map of the
-package's `weights.bin` (on CUDA: one device copy), handed to each session with
-`SessionOptions.add_external_initializers`, so the segment sessions and the fused decode graph
-share one copy; the decode graph does not prepack (prepacking makes a private copy per session),
-and every run asks ONNX Runtime to shrink its arena afterwards, so a session's arena does not stay
-at the high-water mark of the largest batch it ever ran.
+Memory (issue 10): the weights are held once. On CPU, ONNX Runtime memory-maps `weights.bin` for
+every session itself (page-aligned external data), so all sessions read the same file-backed
+pages; on CUDA, each stored tensor becomes one device OrtValue handed to every session that names
+it (`SessionOptions.add_external_initializers`). Measured on CPU, handing OrtValues over a memory
+map to a session makes ONNX Runtime 1.32 copy them (595 MiB anonymous for the decode graph at the
+bench shape, against 5 MiB when it maps the file itself), so that path (`weights="ortvalues"`) is
+the CUDA default only. Prepacking (a private, re-laid-out copy of each MatMul weight per session) is
+off for the fused decode graph, whose weights are the segments'. Every run asks ONNX Runtime to
+shrink its arena afterwards, so a session's arena does not stay at the high-water mark of the
+largest batch it ever ran.
 """
 
 from __future__ import annotations
@@ -84,9 +88,11 @@ class SharedWeights:
 
 class OnnxRuntimeBackend(PackageBackend):
     def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 spin: bool = False, share_weights: bool = True, prepack: str = "prefill",
+                 spin: bool = False, weights: str = "auto", prepack: str = "prefill",
                  shrink_arena: bool = True):
-        """`share_weights`: sessions use one memory map (CUDA: one device copy) of the weights;
+        """`weights`: "mmap" (ONNX Runtime maps weights.bin in every session: one page-cache copy;
+        the CPU default), "ortvalues" (one OrtValue per stored tensor, on the session's device, given
+        to every session: the CUDA default), "auto";
         `prepack`: which sessions let ONNX Runtime prepack their weights (a private copy each):
         "prefill" (all but the fused decode graph, whose weights are the segments'), "all", "none";
         `shrink_arena`: every run returns its arena's free chunks afterwards."""
@@ -106,7 +112,11 @@ class OnnxRuntimeBackend(PackageBackend):
         self._ort_device = "cuda" if device != "cpu" else "cpu"
         if prepack not in ("prefill", "all", "none"):
             raise DyVTEError(f"unknown prepack setting {prepack!r}; choose prefill, all or none")
-        self.weights = SharedWeights(self.package / "graphs", self._ort_device) if share_weights else None
+        if weights == "auto":
+            weights = "mmap" if self._ort_device == "cpu" else "ortvalues"
+        if weights not in ("mmap", "ortvalues"):
+            raise DyVTEError(f"unknown weights setting {weights!r}; choose auto, mmap or ortvalues")
+        self.weights = SharedWeights(self.package / "graphs", self._ort_device) if weights == "ortvalues" else None
         self.sessions = {}
         for graph in manifest.graphs:
             path = self.graph_path(graph)
