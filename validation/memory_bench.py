@@ -38,6 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of the batch of 1 (median)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--speed", action="store_true",
+                        help="instead: prefill/decode of a batch of 1 per configuration, in rotation in one process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
 
 
@@ -127,6 +129,17 @@ def run(args) -> int:
         return 0
     tmp = tempfile.TemporaryDirectory(prefix="dyvte-memory-") if not args.package else None
     package = args.package or str(export_bench_package(Path(tmp.name), args.preset))
+    if args.speed:
+        configs = args.configs.split(",")
+        r = speed_compare(package, configs, args.repeats, args.decode_tokens)
+        first = configs[0]
+        for c in configs:
+            print(f"{c:<10} prefill {r['prefill_s'][c]:.3f} s ({r['prefill_s'][c] / r['prefill_s'][first]:.3f}x {first}), "
+                  f"decode {r['decode_ms_per_token'][c]:.1f} ms/token "
+                  f"({r['decode_ms_per_token'][c] / r['decode_ms_per_token'][first]:.3f}x {first})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return 0
     results = []
     for config in args.configs.split(","):
         if config not in CONFIGS:
@@ -144,3 +157,24 @@ def run(args) -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def speed_compare(package: str, configs=("shared", "noprepack", "separate"), repeats: int = 3,
+                  decode_tokens: int = 8) -> dict:
+    """Prefill and decode of a batch of 1 under each configuration, in one process, in rotation
+    (`validation.bench._interleaved`), so the machine's drift hits each alike."""
+    from engines.load import open_package
+    from engines.memory import RuntimeLimits
+    from engines.policy import GenerationConfig
+    from validation.bench import TEXT_TOKENS, _interleaved, _prompt
+
+    runtimes = {c: open_package(package, verify=False, limits=RuntimeLimits(8, 10**6), **CONFIGS[c]) for c in configs}
+    prompt = _prompt(next(iter(runtimes.values())), TEXT_TOKENS)
+    config = GenerationConfig(max_new_tokens=decode_tokens + 1)
+
+    def timed(runtime, key):
+        return lambda: runtime.generate([prompt], "none", config)[0].timings_ms[key] / 1e3
+
+    prefill = _interleaved({c: timed(r, "prefill") for c, r in runtimes.items()}, repeats)
+    decode = _interleaved({c: timed(r, "decode") for c, r in runtimes.items()}, repeats)
+    return {"prefill_s": prefill, "decode_ms_per_token": {c: 1e3 * v / decode_tokens for c, v in decode.items()}}
