@@ -9,8 +9,9 @@ import pytest
 
 from engines.core.errors import DyVTEError
 
-# Fixed cost of a loaded runtime beyond its weights (sessions, thread pools, processor), measured
-# 60-100 MiB on the `memory` preset; a second copy of its ~200 MB of decoder weights exceeds it.
+# Fixed cost of a loaded runtime beyond its weights (sessions, thread pools, processor, the
+# hyper-network's folded router stack): loading the `memory` preset's 212 MiB package grew 131 MiB
+# in all, every session prepacking its own copy (the behaviour before issue 10) 516 MiB.
 CONSTANT = 128 * 2**20
 
 MEASURE = """
@@ -46,11 +47,13 @@ def test_loading_holds_the_weights_once(memory_package):
     from engines.core.manifest import Manifest
 
     size = Manifest.load(memory_package, verify=False).package_bytes
-    assert size > 2 * CONSTANT  # a second copy of the weights cannot hide in the constant
+    assert size > CONSTANT  # a second copy of the weights cannot hide in the constant
     grown = _grown(memory_package)
+    print(f"package {size / 2**20:.0f} MiB, loading grew {grown / 2**20:.0f} MiB")
     assert grown <= size + CONSTANT, f"loading grew anonymous memory by {grown / 2**20:.0f} MiB, package {size / 2**20:.0f} MiB"
     # the check can fail: every session prepacking its own copy (the behaviour before issue 10)
     separate = _grown(memory_package, prepack="all", shrink_arena=False)
+    print(f"every session prepacking: grew {separate / 2**20:.0f} MiB")
     assert separate > size + CONSTANT, f"{separate / 2**20:.0f} MiB"
 
 

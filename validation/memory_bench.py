@@ -8,8 +8,8 @@ bound of issue 10 is printed term by term: 1.15x the package + 2x the batch's KV
 largest single graph's activations (estimate, `engines.memory.activation_bytes`).
 
 Configurations: `shared` (the runtime's defaults: ONNX Runtime's memory map of the weights in every
-session, the decode graph not prepacked, arenas shrunk after each run), `noprepack` (the same, no
-session prepacks), `separate` (every session prepacks its own copy and keeps its arena: the
+session, no prepacking, arenas shrunk after each run), `prepack-prefill` (the same, the prefill
+graphs prepacked), `separate` (every session prepacks its own copy and keeps its arena: the
 behaviour before issue 10). Prefill and
 decode times of the batch of 1 are printed side by side for the speed comparison.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 CONFIGS = {
     "shared": {},
-    "noprepack": {"prepack": "none"},
+    "prepack-prefill": {"prepack": "prefill"},
     "separate": {"prepack": "all", "shrink_arena": False},
 }
 
@@ -33,7 +33,7 @@ CONFIGS = {
 def add_arguments(parser) -> None:
     parser.add_argument("--package", help="an exported bench-shape package (default: export one to a temporary folder)")
     parser.add_argument("--preset", default="bench", help="LLaVA preset to export (default: bench)")
-    parser.add_argument("--configs", default="shared,separate", help="comma-separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default="shared,prepack-prefill,separate", help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of the batch of 1 (median)")
@@ -159,7 +159,7 @@ def run(args) -> int:
     return 0
 
 
-def speed_compare(package: str, configs=("shared", "noprepack", "separate"), repeats: int = 3,
+def speed_compare(package: str, configs=("shared", "prepack-prefill", "separate"), repeats: int = 3,
                   decode_tokens: int = 8) -> dict:
     """Prefill and decode of a batch of 1 under each configuration, in one process, in rotation
     (`validation.bench._interleaved`), so the machine's drift hits each alike."""

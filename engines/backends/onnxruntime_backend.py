@@ -11,7 +11,8 @@ it (`SessionOptions.add_external_initializers`). Measured on CPU, handing OrtVal
 map to a session makes ONNX Runtime 1.32 copy them (595 MiB anonymous for the decode graph at the
 bench shape, against 5 MiB when it maps the file itself), so that path (`weights="ortvalues"`) is
 the CUDA default only. Prepacking (a private, re-laid-out copy of each MatMul weight per session) is
-off for the fused decode graph, whose weights are the segments'. Every run asks ONNX Runtime to
+off by default: it would hold every MatMul weight a second time (twice with the fused decode graph),
+and prefill measured within 1% without it (`python -m validation memory --speed`). Every run asks ONNX Runtime to
 shrink its arena afterwards, so a session's arena does not stay at the high-water mark of the
 largest batch it ever ran.
 """
@@ -88,13 +89,14 @@ class SharedWeights:
 
 class OnnxRuntimeBackend(PackageBackend):
     def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 spin: bool = False, weights: str = "auto", prepack: str = "prefill",
+                 spin: bool = False, weights: str = "auto", prepack: str = "none",
                  shrink_arena: bool = True):
         """`weights`: "mmap" (ONNX Runtime maps weights.bin in every session: one page-cache copy;
         the CPU default), "ortvalues" (one OrtValue per stored tensor, on the session's device, given
         to every session: the CUDA default), "auto";
         `prepack`: which sessions let ONNX Runtime prepack their weights (a private copy each):
-        "prefill" (all but the fused decode graph, whose weights are the segments'), "all", "none";
+        "none" (default), "prefill" (all but the fused decode graph, whose weights are the
+        segments'), "all" (the behaviour before issue 10);
         `shrink_arena`: every run returns its arena's free chunks afterwards."""
         import onnxruntime as ort
 
