@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from engines.memory import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, RuntimeLimits
 from engines.policy import ExitPolicy, GenerationConfig
-from engines.core.errors import DyVTEError, run_cli
+from engines.core.errors import DyVTEError, run_cli, warn
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-text", type=int, default=512, help="most text tokens of a prompt")
     build.add_argument("--precision", choices=("fp32", "fp16"), help="engine precision (default: the package's)")
     build.add_argument("--workspace-gb", type=float, default=8)
+    from engines.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -130,8 +134,13 @@ def run(args) -> int:
         }
         for r in results
     ]
-    if args.json:
-        print(json.dumps(objects[0] if len(objects) == 1 else {"results": objects}))
+    for i, r in enumerate(results):
+        bad = sorted(k for k, v in r.router_logits.items() if not all(math.isfinite(x) for x in v))
+        if bad:
+            warn(f"sample {i}: router logits after layer {bad[0]} are NaN or Inf (damaged routers?): "
+                 "the sample cannot exit there")
+    if args.json:  # strict JSON: NaN/Inf become null
+        print(json.dumps(_finite(objects[0] if len(objects) == 1 else {"results": objects}), allow_nan=False))
     else:
         for obj in objects:
             exit_text = "never" if obj["exit_layer"] is None else f"after layer {obj['exit_layer']}"
@@ -145,6 +154,16 @@ def run(args) -> int:
     return 0
 
 
+def _finite(obj):
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def build(args) -> int:
     from engines.backends.tensorrt_build import build_engines
 
@@ -153,6 +172,12 @@ def build(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    from engines.serve.cli import serve_package
+
+    return serve_package(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli({"run": run, "build": build}[args.command], args)
+    return run_cli({"run": run, "build": build, "serve": serve}[args.command], args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +44,24 @@ class GenerationConfig:
     keep_logits: bool = False  # keep every step's logits in the result (parity checks)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise DyVTEError("max_new_tokens must be at least 1")
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise DyVTEError("max_new_tokens must be an integer of at least 1")
+        if not is_number(self.temperature) or self.temperature < 0:
+            raise DyVTEError(f"temperature must be a finite number >= 0, not {self.temperature!r}")
         if self.do_sample and self.temperature <= 0:
             raise DyVTEError("temperature must be > 0 when sampling")
-        if not 0 < self.top_p <= 1:
-            raise DyVTEError("top_p must be in (0, 1]")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise DyVTEError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise DyVTEError(f"top_k must be an integer >= 0, not {self.top_k!r}")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise DyVTEError(f"seed must be an integer in 0..2**63-1, not {self.seed!r}")
 
 
 class TokenSampler:

@@ -71,6 +71,7 @@ class Event:
     text: str = ""
     result: "RequestResult | None" = None
     error: str | None = None
+    status: int = 500  # of an error: 400 the request's own fault (bad image, ...), 503 shutting down, 500 a bug
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
         for request in self.running + self._drain():
-            request.channel.put(Event("error", error="the server is shutting down"))
+            request.channel.put(Event("error", error="the server is shutting down", status=503))
         self.running, self.cache = [], None
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
@@ -275,6 +276,9 @@ class Scheduler:
                 break
             taken.append(self.waiting.get_nowait())
             held += need
+        for request in taken:
+            if request.cancelled:  # cancelled while it waited: told so, never prefilled
+                self._finish(request, "cancelled")
         return [r for r in taken if not r.cancelled]
 
     def _admit(self) -> None:
@@ -284,13 +288,15 @@ class Scheduler:
         self._notify("queue_depth", self.waiting.qsize())
         try:
             batches = [self._prefill(new)]
-        except DyVTEError:
+        except Exception:  # noqa: BLE001 - find the one that fails
             batches = []
             for request in new:  # a request that fails, fails alone
                 try:
                     batches.append(self._prefill([request]))
                 except DyVTEError as exc:
-                    request.channel.put(Event("error", error=str(exc)))
+                    request.channel.put(Event("error", error=str(exc), status=400))
+                except Exception as exc:  # noqa: BLE001 - a bug, but only this request's
+                    request.channel.put(Event("error", error=f"internal error in prefill: {type(exc).__name__}: {exc}"))
         for requests, batch in batches:
             self._join(requests, batch)
 

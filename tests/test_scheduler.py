@@ -136,3 +136,43 @@ def test_onnxruntime_package_batches_in_flight_like_its_solo_runs(vila_package, 
         tokens, exit_layer = solo(runtime, prompts[i], SamplingParams(max_tokens=MAX_TOKENS[i]))
         assert (result.token_ids, result.exit_layer) == (tokens, exit_layer), f"request {i}"
     assert max(s.stats["batch_sizes"]) > 1
+
+
+def test_request_cancelled_while_waiting_is_told_and_never_prefilled(runtime, prompts):
+    s = Scheduler(runtime, max_batch=2, max_queue=4)  # not started yet: the request waits
+    waiting = s.submit(prompts[0], SamplingParams(max_tokens=3))
+    waiting.cancel()
+    s.start()
+    try:
+        events = list(waiting)
+    finally:
+        s.stop()
+    assert [e.kind for e in events] == ["done"] and events[0].result.finish_reason == "cancelled"
+    assert events[0].result.token_ids == [] and s.stats["prefills"] == 0
+
+
+def test_an_internal_prefill_error_fails_only_its_request(runtime, prompts):
+    """Not only user errors: a bug hit by one request's prefill (here a RuntimeError) fails that
+    request with a 500-status error event, and the others of its batch are answered."""
+    poisoned = prompts[2]
+
+    class Flaky(Scheduler):
+        def _prefill(self, requests):
+            if any(r.prompt is poisoned for r in requests):
+                raise RuntimeError("boom")
+            return super()._prefill(requests)
+
+    s = Flaky(runtime, max_batch=4, max_queue=8)
+    requests = [s.submit(p, SamplingParams(max_tokens=3)) for p in prompts[:4]]
+    s.start()
+    try:
+        outcomes = []
+        for r in requests:
+            events = list(r)
+            outcomes.append(events[-1])
+    finally:
+        s.stop()
+    assert outcomes[2].kind == "error" and outcomes[2].status == 500 and "boom" in outcomes[2].error
+    for i in (0, 1, 3):
+        assert outcomes[i].kind == "done"
+        assert outcomes[i].result.token_ids == solo(runtime, prompts[i], SamplingParams(max_tokens=3))[0]

@@ -10,6 +10,7 @@ that precision could flip it is a *near tie*, listed apart from real disagreemen
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,14 @@ DEFAULT_THRESHOLDS = {
              "token_agreement": 1.0, "exit_layer_agreement": 1.0},
     "fp16": {"logits_max_abs": 0.25, "stage_max_rel": 2e-2, "min_cosine": 0.999, "near_tie": 5e-2,
              "token_agreement": 0.9, "exit_layer_agreement": 1.0},
+    # weight-only quantized packages are judged by what quantization may change: greedy tokens and
+    # exit layers against the fp32 reference (answer accuracy: `python -m validation accuracy
+    # --precision`); logits and stages only catch gross breakage (measured on the built-in VILA:
+    # see README "Quantized packages")
+    "int8": {"logits_max_abs": 0.5, "stage_max_rel": 0.1, "min_cosine": 0.995, "near_tie": 0.1,
+             "token_agreement": 0.9, "exit_layer_agreement": 1.0},
+    "int4": {"logits_max_abs": 3.0, "stage_max_rel": 0.3, "min_cosine": 0.7, "near_tie": 0.5,
+             "token_agreement": 0.75, "exit_layer_agreement": 1.0},
 }
 
 
@@ -67,6 +76,25 @@ def run_runner(runtime, prompts, max_new_tokens: int, dynamic: bool, chunk: int 
     return out
 
 
+def _stage_order(stage: str) -> tuple:
+    """Stages in the order the prefill computes them: vision, each segment with its router, logits."""
+    if stage == "vision":
+        return (-1, 0)
+    if stage.startswith("layers "):
+        return (int(stage.split()[1].split("-")[1]), 0)
+    if stage.startswith("router "):
+        return (int(stage.split()[1]), 1)
+    return (float("inf"), 0)
+
+
+def _worse(old: float, new: float, larger: bool = True) -> float:
+    """Fold one more measurement into a running max (min): a NaN, once seen, stays (Python's
+    `max(0.0, nan)` is 0.0, which would hide it)."""
+    if old != old or new != new:
+        return float("nan")
+    return max(old, new) if larger else min(old, new)
+
+
 def _stage_errors(ref: RunnerOutput, other: RunnerOutput) -> dict[str, dict]:
     errors: dict[str, dict] = {}
     for a_stages, b_stages in zip(ref.stages, other.stages):
@@ -75,16 +103,23 @@ def _stage_errors(ref: RunnerOutput, other: RunnerOutput) -> dict[str, dict]:
             if b is None or b.shape != a.shape:
                 errors.setdefault(stage, {})["missing"] = True
                 continue
+            e = errors.setdefault(stage, {"max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0})
+            bad = {who: int((~torch.isfinite(t)).sum()) for who, t in (("reference", a), ("backend", b))}
+            if any(bad.values()):  # NaN or Inf: a parity failure by itself, whatever the other side holds
+                found = e.setdefault("non_finite", {"reference": 0, "backend": 0})
+                for who, n in bad.items():
+                    found[who] += n
+                e["max_abs"] = e["max_rel"] = e["min_cosine"] = float("nan")
+                continue
             diff = float((a - b).abs().max())
             scale = float(a.abs().max()) or 1.0
             if stage.startswith("router"):  # two logits compared by their margin: judged in logit units
                 scale = max(scale, 1.0)
             cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
-            e = errors.setdefault(stage, {"max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0})
-            e["max_abs"] = max(e["max_abs"], diff)
-            e["max_rel"] = max(e["max_rel"], diff / scale)
-            e["min_cosine"] = min(e["min_cosine"], cos)
-    return errors
+            e["max_abs"] = _worse(e["max_abs"], diff)
+            e["max_rel"] = _worse(e["max_rel"], diff / scale)
+            e["min_cosine"] = _worse(e["min_cosine"], cos, larger=False)
+    return dict(sorted(errors.items(), key=lambda kv: _stage_order(kv[0])))
 
 
 def _near_tie(probe: dict[int, list[float]], upto: int | None, margin: float) -> list[int]:
@@ -121,9 +156,13 @@ def compare(ref: RunnerOutput, other: RunnerOutput, thresholds: dict) -> dict:
     tokens = [_token_agreement(a, b) for a, b, ea, eb in
               zip(ref.tokens, other.tokens, ref.exit_layers, other.exit_layers) if ea == eb]
     token_agreement = sum(tokens) / len(tokens) if tokens else 1.0
+    # comparisons written so that NaN fails them (NaN <= x is False)
     stage_fail = [s for s, e in stages.items() if s != "logits" and (
-        e.get("missing") or e["max_rel"] > thresholds["stage_max_rel"] or e["min_cosine"] < thresholds["min_cosine"])]
+        e.get("missing") or not e["max_rel"] <= thresholds["stage_max_rel"]
+        or not e["min_cosine"] >= thresholds["min_cosine"])]
+    non_finite = [s for s, e in stages.items() if e.get("non_finite")]
     checks = {
+        "finite": not non_finite,
         "logits": bool(logits) and not logits.get("missing") and logits["max_abs"] <= thresholds["logits_max_abs"]
         and logits["min_cosine"] >= thresholds["min_cosine"],
         "stages": not stage_fail,
@@ -136,6 +175,8 @@ def compare(ref: RunnerOutput, other: RunnerOutput, thresholds: dict) -> dict:
         "checks": checks,
         "failed_stages": stage_fail,
         "first_failed_stage": stage_fail[0] if stage_fail else None,
+        "non_finite_stages": non_finite,
+        "first_non_finite_stage": non_finite[0] if non_finite else None,
         "exit_layer_agreement": exit_agreement,
         "logits_max_abs_diff": logits.get("max_abs"),
         "logits_min_cosine": logits.get("min_cosine"),
@@ -164,10 +205,16 @@ class ParityReport:
                 lines.append(f"  {name:12s} skipped: {b['skipped']}")
                 continue
             lines.append(
-                f"  {name:12s} {'pass' if b['passed'] else 'FAIL'}  logits max|diff| {b['logits_max_abs_diff']:.2e}"
-                f"  min cos {b['logits_min_cosine']:.6f}  exit agreement {b['exit_layer_agreement']:.0%}"
+                f"  {name:12s} {'pass' if b['passed'] else 'FAIL'}  logits max|diff| {_num(b['logits_max_abs_diff'], '.2e')}"
+                f"  min cos {_num(b['logits_min_cosine'], '.6f')}  exit agreement {b['exit_layer_agreement']:.0%}"
                 f"  tokens {b['token_agreement']:.0%}  near ties {len(b['near_ties'])}"
             )
+            if b.get("first_non_finite_stage"):
+                stage = b["first_non_finite_stage"]
+                where = b["stages"][stage]["non_finite"]
+                side = " and ".join(k for k in ("reference", "backend") if where.get(k)) or "backend"
+                lines.append(f"  {'':12s} first non-finite stage: {stage} (NaN/Inf in the {side}; "
+                             f"all: {', '.join(b['non_finite_stages'])})")
             if b["failed_stages"]:
                 lines.append(f"  {'':12s} first diverging stage: {b['first_failed_stage']} "
                              f"(over threshold: {', '.join(b['failed_stages'])})")
@@ -178,12 +225,19 @@ class ParityReport:
         return "\n".join(lines)
 
 
+def _num(value, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{spec}}" if math.isfinite(value) else ("non-finite" if value != value else f"{value}")
+
+
 def _jsonable(obj):
+    """Strict JSON: NaN and Inf become null (the stage records why, in `non_finite`)."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
 
@@ -231,14 +285,19 @@ def speed_section(manifest, prompt, runners: dict, exit_layer: int | None, repea
 
 def validate_package(package, model=None, images=None, prompts=None, thresholds: dict | None = None,
                      backends=("onnxruntime", "tensorrt"), max_new_tokens: int = 8, progress: bool = True,
-                     count: int = 8, speed_repeats: int = 3) -> ParityReport:
+                     count: int = 8, speed_repeats: int = 3, report_dir=None) -> ParityReport:
+    """Parity of `package`; the report goes to `report_dir` (default: the package's `report/`),
+    which is checked to be writable before any work."""
     from engines.core.manifest import Manifest
     from engines.load import open_package
+    from exporter.output import check_writable_folder
     from exporter.reference import package_reference
     from validation.samples import sample_prompts
 
     package = Path(package)
     manifest = Manifest.load(package)
+    report_dir = check_writable_folder(Path(report_dir) if report_dir else package / "report",
+                                       "pass --report-dir DIR to write the report elsewhere")
     precision = manifest.precision.name
     limits = {**DEFAULT_THRESHOLDS[precision], **(thresholds or {})}
     reference = package_reference(package, manifest, model)
@@ -274,14 +333,16 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
         "backends": results,
         "speed": speed,
     }
-    report_dir = package / "report"
-    report_dir.mkdir(exist_ok=True)
-    path = report_dir / "parity.json"
-    path.write_text(json.dumps(_jsonable(data), indent=2))
-    data["json"] = str(path)
     from validation.report_html import write_html
 
-    data["html"] = str(write_html(data, report_dir / "parity.html"))
+    path = report_dir / "parity.json"
+    try:
+        path.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False))
+        data["json"] = str(path)
+        data["html"] = str(write_html(data, report_dir / "parity.html"))
+    except OSError as exc:
+        raise DyVTEError(f"cannot write the report into {report_dir}: {exc.strerror or exc}; "
+                         "pass --report-dir DIR to write it elsewhere") from None
     return ParityReport(data)
 
 

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 CHECK_NAMES = {
+    "finite": "no NaN/Inf",
     "logits": "final logits",
     "stages": "stage errors",
     "exit_layers": "exit-layer agreement",
@@ -303,6 +304,8 @@ def _verdict(data: dict) -> str:
             e = _dict(stages.get(s))
             if e.get("missing"):
                 detail = "missing from the backend's output"
+            elif e.get("non_finite"):
+                detail = "holds NaN or Inf"
             else:
                 detail = (f"max rel {_fmt(e.get('max_rel'))} (limit {_fmt(limits.get('stage_max_rel'))}), "
                           f"min cosine {_fmt(e.get('min_cosine'), '.7g')} (limit {_fmt(limits.get('min_cosine'), '.7g')})")
@@ -325,6 +328,9 @@ def _check_detail(check: str, b: dict, limits: dict) -> str:
                 f"min cosine {_fmt(b.get('logits_min_cosine'), '.7g')} (limit {_fmt(limits.get('min_cosine'), '.7g')})")
     if check == "stages":
         return f"{len(_list(b.get('failed_stages')))} stage(s) over threshold (listed below)"
+    if check == "finite":
+        return (f"NaN or Inf first in stage {_esc(b.get('first_non_finite_stage'))} "
+                f"(all: {_esc(', '.join(str(s) for s in _list(b.get('non_finite_stages'))))})")
     if check == "exit_layers":
         return (f"agreement {_pct(b.get('exit_layer_agreement'))} (required {_pct(limits.get('exit_layer_agreement'))}), "
                 f"{len(_list(b.get('exit_disagreements')))} real disagreement(s)")

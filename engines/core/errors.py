@@ -33,3 +33,10 @@ def wrap_load_errors(what: str, fn, *args, **kwargs):
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise DyVTEError(f"cannot load {what}: {msg}") from exc
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (`warning: ...`): something accepted that the user should know about."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)

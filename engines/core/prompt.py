@@ -78,6 +78,18 @@ class PromptSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def check_text(question) -> str:
+    """A prompt's text: a str that is valid Unicode (command-line bytes that are not UTF-8 arrive
+    as lone surrogates, which no tokenizer takes)."""
+    if not isinstance(question, str):
+        raise DyVTEError(f"the prompt must be text, not {type(question).__name__}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DyVTEError(f"the prompt is not valid UTF-8 text (bad byte at character {exc.start})") from None
+    return question
+
+
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """LLaVA's `pad` aspect mode: centre the image on a square canvas of the mean colour."""
     w, h = image.size
@@ -138,6 +150,7 @@ class Processor:
 
     def build(self, question: str, image: Image.Image | None) -> Prompt:
         spec = self.spec
+        check_text(question)
         text = self.render(question, image is not None)
         if image is None:
             return Prompt(self._encode(text, spec.add_special_tokens), None, None)

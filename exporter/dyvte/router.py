@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engines.core.errors import DyVTEError
+from engines.core.errors import DyVTEError, warn
 
 ROUTER_PREFIX = "model.visual_gates_router."
 ROUTER_INNER = 2048  # the published routers' hidden width
@@ -127,12 +128,23 @@ def load_routers(path: str | Path, num_layers: int, hidden_size: int) -> Routers
     tensors = _router_tensors_in(path)
     if not tensors:
         raise DyVTEError(f"{path} holds no router weights (keys {ROUTER_PREFIX}{{l}}.w1/w2.weight)")
+    for key, tensor in tensors.items():
+        if not re.fullmatch(r"\d+\.w[12]\.weight", key):
+            raise DyVTEError(f"router weights in {path}: unexpected key {ROUTER_PREFIX}{key} "
+                             f"(expected {ROUTER_PREFIX}{{layer}}.w1.weight / .w2.weight)")
+        if tensor.ndim != 2:
+            raise DyVTEError(f"router {ROUTER_PREFIX}{key} in {path} has shape {list(tensor.shape)}, expected a matrix")
+        if not tensor.is_floating_point():
+            raise DyVTEError(f"router {ROUTER_PREFIX}{key} in {path} has dtype {str(tensor.dtype).replace('torch.', '')}, "
+                             "expected floating point weights")
     layers = sorted({int(k.split(".")[0]) for k in tensors})
     if layers != list(range(num_layers)):
         raise DyVTEError(
             f"router weights in {path} cover layers {layers[0]}..{layers[-1]} ({len(layers)} routers); "
             f"the model has {num_layers} decoder layers (expected routers 0..{num_layers - 1})"
         )
+    if "0.w1.weight" not in tensors:
+        raise DyVTEError(f"router weights in {path} lack {ROUTER_PREFIX}0.w1.weight")
     inner = tensors["0.w1.weight"].shape[0]
     routers = Routers(num_layers, hidden_size, inner)
     for i, router in enumerate(routers.layers):
@@ -147,6 +159,11 @@ def load_routers(path: str | Path, num_layers: int, hidden_size: int) -> Routers
                     f"{list(expected)} for hidden size {hidden_size}"
                 )
             getattr(router, name).weight.data.copy_(tensors[key].float())
+    bad = [k for k, t in sorted(tensors.items()) if not bool(torch.isfinite(t).all())]
+    if bad:
+        warn(f"router weights in {path} hold NaN or Inf ({ROUTER_PREFIX}{bad[0]}"
+             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): those routers never exit, and a parity "
+             "report fails on them")
     return routers
 
 

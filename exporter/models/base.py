@@ -16,6 +16,7 @@ from torch import nn
 
 from exporter.dyvte.router import Routers
 from engines.core.errors import DyVTEError
+from engines.core.prompt import Processor
 from exporter.models.decoder import TextDecoder
 
 def seeded(build):
@@ -69,7 +70,7 @@ class MultimodalModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual embeddings of one image's tiles, flattened to [V, hidden]."""
         param = next(self.vision.parameters())
-        feats = self.vision(pixel_values.to(param.device, param.dtype))
+        feats = self.vision(pixel_values.to("cpu" if param.is_meta else param.device, param.dtype))
         return feats.reshape(-1, feats.shape[-1])
 
 
@@ -90,4 +91,22 @@ class Family(ABC):
     def default(self) -> MultimodalModel:
         """What `--model NAME` without `--checkpoint` runs."""
         return self.preset()
+
+
+def preset_text_config(tokenizer, config_class, **llm):
+    """A preset's text config: the tokenizer's vocabulary and special ids, untied head, the preset's
+    shape (`llm`, which may override the vocabulary size for real shapes)."""
+    base = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return config_class(**{**base, **llm})
+
+
+def assemble(family: str, vision: nn.Module, tokenizer, image_processor, spec, decoder_parts: tuple,
+             source: dict, native) -> MultimodalModel:
+    """Every adapter's last step: processor + vision + decoder (`decoder_parts` = base model, LM head,
+    text config) into the decomposition, keeping the family's native parts for its own save/compare."""
+    model = MultimodalModel(family, vision, TextDecoder(*decoder_parts), Processor(tokenizer, image_processor, spec),
+                            source=source)
+    model.native = native
+    return model
 

@@ -13,16 +13,23 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engines.core.errors import DyVTEError, wrap_load_errors
+from engines.core.errors import DyVTEError, warn, wrap_load_errors
 
 
 def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, which must hold an object (regular files only: a FIFO would block)."""
+    from engines.core.manifest import read_regular
+
+    path = Path(path)
     if not path.is_file():
         raise DyVTEError(f"missing file: {path}")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        data = json.loads(read_regular(path, what="checkpoint file"))
+    except ValueError as exc:
         raise DyVTEError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DyVTEError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -32,24 +39,68 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def config_int(config: dict, key: str, default: int, where: str, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer setting of a checkpoint config (booleans, text and floats refused by name)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) or \
+            (hi is not None and value > hi):
+        span = f" in {lo}..{hi}" if lo is not None and hi is not None else ""
+        raise DyVTEError(f"{where}: {key} must be an integer{span}, not {value!r}")
+    return value
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The .safetensors files of a folder, following a sharded index when there is one."""
+    """The .safetensors files of a folder, following a sharded index when there is one. Shard
+    names must stay inside the folder; `.weight`/`.bias` tensors must be floating point; pickle
+    files beside the safetensors are ignored, with a warning."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise DyVTEError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+        names = sorted(set(weight_map.values()))
+        root = folder.resolve()
+        for n in names:
+            target = (folder / n).resolve()
+            if Path(n).is_absolute() or ".." in Path(n).parts or target.parent != root:
+                raise DyVTEError(f"{index} names shard {n!r}, which is not a file in {folder}")
         files = [folder / n for n in names]
         for f in files:
             if not f.is_file():
                 raise DyVTEError(f"missing weight shard {f} (listed in {index.name})")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise DyVTEError(
                 f"{folder} holds only pickle weights (.bin/.pt); convert them to .safetensors first"
             )
         raise DyVTEError(f"no .safetensors weights in {folder}")
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in folder.glob(pattern))
+    if pickles:
+        warn(f"{folder} also holds pickle files ({', '.join(pickles[:3])}); they are ignored (never unpickled), "
+             "only the .safetensors weights are read")
+    for f in files:
+        _check_float_weights(f)
     return files
+
+
+def _check_float_weights(path: Path) -> None:
+    """Refuse integer or boolean tensors where weights (floats) belong, from the file's header."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith((".weight", ".bias")):
+                    dtype = handle.get_slice(key).get_dtype()
+                    if dtype not in FLOAT_DTYPES:
+                        raise DyVTEError(f"{path}: weight {key} has dtype {dtype}; expected floating point weights")
+    except DyVTEError:
+        raise
+    except Exception:  # a damaged file: the loader that reads it names it in its own words
+        return
 
 
 def load_safetensors(folder: Path, prefix: str = "") -> dict[str, torch.Tensor]:

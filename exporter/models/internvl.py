@@ -38,11 +38,11 @@ from transformers import (
 
 from exporter.dyvte.router import has_router_weights, load_routers, seeded_routers
 from engines.core.errors import DyVTEError
-from exporter.models.base import Family, MultimodalModel, seeded
+from exporter.models.base import Family, MultimodalModel, assemble, preset_text_config, seeded
 from engines.core.errors import wrap_load_errors
 from exporter.models.checkpoint import hf_from_pretrained, read_json, require_dir
-from exporter.models.decoder import SUPPORTED_TEXT_MODEL_TYPES, TextDecoder
-from engines.core.prompt import Processor, PromptSpec
+from exporter.models.decoder import SUPPORTED_TEXT_MODEL_TYPES
+from engines.core.prompt import PromptSpec
 from exporter.models.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 
 # What InternVLProcessor reads from the tokenizer, with the published tokens as fallbacks.
@@ -138,6 +138,28 @@ PRESETS = {
         vision_feature_layer=-1,
         max_patches=4,
     ),
+    # InternVL3-8B's shapes (InternViT-300M at 448 px, 256 tokens a tile, Qwen2.5-7B) for export-bench,
+    # built on the meta device; one tile an image (the published processor allows 12) keeps validation short.
+    "internvl-8b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=448, patch_size=14),
+        text_model_type="qwen2",
+        llm=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, vocab_size=151674),
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        max_patches=1,
+    ),
+    "internvl-small": dict(
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=448, patch_size=14),
+        text_model_type="qwen2",
+        llm=dict(hidden_size=896, intermediate_size=4736, num_hidden_layers=7, num_attention_heads=7,
+                 num_key_value_heads=1, max_position_embeddings=32768, rms_norm_eps=1e-6, vocab_size=151674),
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        max_patches=1,
+    ),
     "tiny-llama": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                     image_size=56, patch_size=7),
@@ -178,6 +200,21 @@ class InternVLParts:
         """The published `-hf` layout: weights, tokenizer, image processor, processor config, template."""
         folder = Path(folder)
         self.hf.save_pretrained(folder)
+        return self._save_processing(folder)
+
+    def save_files(self, folder: Path) -> Path:
+        """Everything of the layout but the weights: config, tokenizer, processor files."""
+        self.hf.config.save_pretrained(folder)
+        return self._save_processing(Path(folder))
+
+    def published_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Sub-folder -> {key in the published layout: tensor} (meta tensors allowed)."""
+        from exporter.streaming import published_names
+
+        state = self.hf.state_dict()
+        return {"": {published_names(self.hf, state)[k]: v for k, v in state.items()}}
+
+    def _save_processing(self, folder: Path) -> Path:
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
         processor_config = {"processor_class": "InternVLProcessor"}
@@ -247,11 +284,8 @@ def _assemble(parts: InternVLParts, source: dict, extra_stop_ids=()) -> Multimod
         add_special_tokens=add_special,
         stop_token_ids=_stop_token_ids(tok, extra_stop_ids),
     )
-    processor = Processor(tok, image_processor, spec)
-    decoder = TextDecoder(hf.model.language_model, hf.lm_head, cfg.text_config)
-    model = MultimodalModel("internvl", vision, decoder, processor, source=source)
-    model.native = parts
-    return model
+    return assemble("internvl", vision, tok, image_processor, spec,
+                    (hf.model.language_model, hf.lm_head, cfg.text_config), source, parts)
 
 
 def _read_chat_template(folder: Path, tokenizer) -> str:
@@ -281,9 +315,7 @@ class InternVL(Family):
             raise DyVTEError(f"unknown InternVL preset {name!r}; choose from {', '.join(PRESETS)}")
         p = PRESETS[name]
         tok = preset_tokenizer()
-        special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        text_config = TEXT_CONFIGS[p["text_model_type"]](vocab_size=len(tok), tie_word_embeddings=False,
-                                                         **special, **p["llm"])
+        text_config = preset_text_config(tok, TEXT_CONFIGS[p["text_model_type"]], **p["llm"])
         vision_config = InternVLVisionConfig(**p["vision"])
         side = p["vision"]["image_size"] // p["vision"]["patch_size"]
         per_tile = int(side * p["downsample_ratio"]) ** 2
@@ -308,7 +340,10 @@ class InternVL(Family):
         model.attach_routers(seeded_routers(text_config.num_hidden_layers, text_config.hidden_size, seed))
         return model
 
-    def load(self, checkpoint: Path, dtype=torch.float32, chat_template: str | None = None, **_) -> MultimodalModel:
+    def load(self, checkpoint: Path, dtype=torch.float32, chat_template: str | None = None, lazy: bool = False,
+             **_) -> MultimodalModel:
+        """`lazy`: the weights stay on disk (see `exporter.streaming`); vision parts under
+        `EAGER_TOWER_BYTES` are read at once."""
         checkpoint = require_dir(Path(checkpoint), "InternVL checkpoint")
         root = read_json(checkpoint / "config.json")
         model_type = root.get("model_type")
@@ -327,7 +362,14 @@ class InternVL(Family):
             raise DyVTEError(
                 f"unsupported InternVL language model {text_type!r}; supported: {', '.join(SUPPORTED_TEXT_MODEL_TYPES)}"
             )
-        hf = hf_from_pretrained(InternVLForConditionalGeneration, checkpoint, "InternVL model", dtype)
+        if lazy:
+            from exporter.streaming import lazy_pretrained, make_real
+
+            hf = lazy_pretrained(InternVLForConditionalGeneration, checkpoint, "InternVL model", dtype)
+            make_real(hf.model.vision_tower)
+            make_real(hf.model.multi_modal_projector)
+        else:
+            hf = hf_from_pretrained(InternVLForConditionalGeneration, checkpoint, "InternVL model", dtype)
         tokenizer = wrap_load_errors(
             f"tokenizer from {checkpoint}", AutoTokenizer.from_pretrained, str(checkpoint), local_files_only=True
         )
