@@ -27,6 +27,8 @@ CONFIGS = {
     "shared": {},
     "prepack-prefill": {"prepack": "prefill"},
     "separate": {"prepack": "all", "shrink_arena": False},
+    "env-arena": {"shrink_arena": False, "shared_arena": True},
+    "keep-arenas": {"shrink_arena": False},
 }
 
 

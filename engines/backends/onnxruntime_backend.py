@@ -87,17 +87,31 @@ class SharedWeights:
         return sum(k[2] for k in self._values)
 
 
+_ENV_ARENA = False
+
+
+def _register_env_arena(ort) -> None:
+    """One CPU arena in ONNX Runtime's environment, for every session that opts in
+    (`session.use_env_allocators`): registered once per process."""
+    global _ENV_ARENA
+    if not _ENV_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _ENV_ARENA = True
+
+
 class OnnxRuntimeBackend(PackageBackend):
     def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  spin: bool = False, weights: str = "auto", prepack: str = "none",
-                 shrink_arena: bool = True):
+                 shrink_arena: bool = True, shared_arena: bool = False):
         """`weights`: "mmap" (ONNX Runtime maps weights.bin in every session: one page-cache copy;
         the CPU default), "ortvalues" (one OrtValue per stored tensor, on the session's device, given
         to every session: the CUDA default), "auto";
         `prepack`: which sessions let ONNX Runtime prepack their weights (a private copy each):
         "none" (default), "prefill" (all but the fused decode graph, whose weights are the
         segments'), "all" (the behaviour before issue 10);
-        `shrink_arena`: every run returns its arena's free chunks afterwards."""
+        `shrink_arena`: every run returns its arena's free chunks afterwards; `shared_arena` (CPU):
+        every session allocates from one process-wide arena instead of its own (experimental)."""
         import onnxruntime as ort
 
         super().__init__(package, manifest)
@@ -130,6 +144,9 @@ class OnnxRuntimeBackend(PackageBackend):
             # Every graph has its own session and thread pool; threads left spinning after one graph's
             # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            if shared_arena and self._ort_device == "cpu":
+                _register_env_arena(ort)
+                options.add_session_config_entry("session.use_env_allocators", "1")
             if prepack == "none" or (prepack == "prefill" and graph.name == "decode"):
                 options.add_session_config_entry("session.disable_prepacking", "1")
             try:
