@@ -59,14 +59,14 @@ def measure(package: str, config: str, batches: list[int], decode_tokens: int, r
     """In this process: anonymous memory at each moment, and the batch of 1's timings."""
     import statistics
 
+    import onnx  # noqa: F401  (imports are not the package's memory)
+    import onnxruntime  # noqa: F401
+
     from engines.core.manifest import Manifest
     from engines.load import open_package
     from engines.memory import RuntimeLimits, activation_bytes, anonymous_bytes
     from engines.policy import GenerationConfig
     from validation.bench import TEXT_TOKENS, _prompt
-
-    import onnx  # noqa: F401  (imports are not the package's memory)
-    import onnxruntime  # noqa: F401
 
     manifest = Manifest.load(package, verify=False)
     size = manifest.package_bytes
