@@ -9,6 +9,7 @@ import json
 import math
 import sys
 
+from engines.memory import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, RuntimeLimits
 from engines.policy import ExitPolicy, GenerationConfig
 from engines.core.errors import DyVTEError, run_cli, warn
 
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                     help=f"packages: most prompts in one batch (default {DEFAULT_MAX_BATCH})")
+    run.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                     help=f"packages: most cache positions of a batch, prompts + new tokens (default {DEFAULT_MAX_TOKENS})")
     build = sub.add_parser("build", help="build TensorRT engines for a package (needs an NVIDIA GPU)")
     build.add_argument("package")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the profiles accept")
@@ -75,7 +80,11 @@ def load_runtime(args):
         backend = args.backend or "onnxruntime"
         if backend == "torch":  # the PyTorch reference of the model the package was exported from
             return package_reference(args.package)
-        return open_package(args.package, backend=backend, device=args.device)
+        runtime = open_package(args.package, backend=backend, device=args.device,
+                               limits=RuntimeLimits(args.max_batch, args.max_tokens))
+        m = runtime.backend.manifest
+        print(runtime.limits.describe(m.shape, m.precision.element_bytes, m.weights.parameter_bytes), file=sys.stderr)
+        return runtime
     if not args.model:
         raise DyVTEError("give a package directory or --model FAMILY (with --checkpoint DIR for real weights)")
     if args.backend not in (None, "torch"):

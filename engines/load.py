@@ -17,7 +17,7 @@ def open_package(package: str | Path, backend: str = "onnxruntime", device: str 
                  **backend_options) -> Runtime:
     """Load a package: manifest, checksums and format are verified first, then the backend's graphs.
     The runtime enforces `limits` (default: `RuntimeLimits()`, max_batch 8, max_tokens 8192);
-    `backend_options` go to the ONNX Runtime backend (share_weights, prepack, shrink_arena)."""
+    `backend_options` go to the ONNX Runtime backend (weights, prepack, shrink_arena)."""
     from engines.core.prompt import Processor, PromptSpec
 
     if backend not in PACKAGE_BACKENDS:

@@ -7,9 +7,10 @@ before loading, after loading, after one generation of a batch of 1 and of a bat
 bound of issue 10 is printed term by term: 1.15x the package + 2x the batch's KV cache + the
 largest single graph's activations (estimate, `engines.memory.activation_bytes`).
 
-Configurations: `shared` (the runtime's defaults: one memory map of the weights for every session,
-the decode graph not prepacked, arenas shrunk after each run) and `separate` (each session loads
-and prepacks its own weights and keeps its arena: the behaviour before issue 10). Prefill and
+Configurations: `shared` (the runtime's defaults: ONNX Runtime's memory map of the weights in every
+session, no prepacking, arenas shrunk after each run), `prepack-prefill` (the same, the prefill
+graphs prepacked), `separate` (every session prepacks its own copy and keeps its arena: the
+behaviour before issue 10). Prefill and
 decode times of the batch of 1 are printed side by side for the speed comparison.
 """
 
@@ -24,18 +25,23 @@ from pathlib import Path
 
 CONFIGS = {
     "shared": {},
-    "separate": {"share_weights": False, "prepack": "all", "shrink_arena": False},
+    "prepack-prefill": {"prepack": "prefill"},
+    "separate": {"prepack": "all", "shrink_arena": False},
+    "env-arena": {"shrink_arena": False, "shared_arena": True},
+    "keep-arenas": {"shrink_arena": False},
 }
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--package", help="an exported bench-shape package (default: export one to a temporary folder)")
     parser.add_argument("--preset", default="bench", help="LLaVA preset to export (default: bench)")
-    parser.add_argument("--configs", default="shared,separate", help="comma-separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default="shared,prepack-prefill,separate", help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of the batch of 1 (median)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--speed", action="store_true",
+                        help="instead: prefill/decode of a batch of 1 per configuration, in rotation in one process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
 
 
@@ -53,14 +59,14 @@ def measure(package: str, config: str, batches: list[int], decode_tokens: int, r
     """In this process: anonymous memory at each moment, and the batch of 1's timings."""
     import statistics
 
+    import onnx  # noqa: F401  (imports are not the package's memory)
+    import onnxruntime  # noqa: F401
+
     from engines.core.manifest import Manifest
     from engines.load import open_package
     from engines.memory import RuntimeLimits, activation_bytes, anonymous_bytes
     from engines.policy import GenerationConfig
     from validation.bench import TEXT_TOKENS, _prompt
-
-    import onnx  # noqa: F401  (imports are not the package's memory)
-    import onnxruntime  # noqa: F401
 
     manifest = Manifest.load(package, verify=False)
     size = manifest.package_bytes
@@ -125,6 +131,17 @@ def run(args) -> int:
         return 0
     tmp = tempfile.TemporaryDirectory(prefix="dyvte-memory-") if not args.package else None
     package = args.package or str(export_bench_package(Path(tmp.name), args.preset))
+    if args.speed:
+        configs = args.configs.split(",")
+        r = speed_compare(package, configs, args.repeats, args.decode_tokens)
+        first = configs[0]
+        for c in configs:
+            print(f"{c:<10} prefill {r['prefill_s'][c]:.3f} s ({r['prefill_s'][c] / r['prefill_s'][first]:.3f}x {first}), "
+                  f"decode {r['decode_ms_per_token'][c]:.1f} ms/token "
+                  f"({r['decode_ms_per_token'][c] / r['decode_ms_per_token'][first]:.3f}x {first})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return 0
     results = []
     for config in args.configs.split(","):
         if config not in CONFIGS:
@@ -142,3 +159,24 @@ def run(args) -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def speed_compare(package: str, configs=("shared", "prepack-prefill", "separate"), repeats: int = 3,
+                  decode_tokens: int = 8) -> dict:
+    """Prefill and decode of a batch of 1 under each configuration, in one process, in rotation
+    (`validation.bench._interleaved`), so the machine's drift hits each alike."""
+    from engines.load import open_package
+    from engines.memory import RuntimeLimits
+    from engines.policy import GenerationConfig
+    from validation.bench import TEXT_TOKENS, _interleaved, _prompt
+
+    runtimes = {c: open_package(package, verify=False, limits=RuntimeLimits(8, 10**6), **CONFIGS[c]) for c in configs}
+    prompt = _prompt(next(iter(runtimes.values())), TEXT_TOKENS)
+    config = GenerationConfig(max_new_tokens=decode_tokens + 1)
+
+    def timed(runtime, key):
+        return lambda: runtime.generate([prompt], "none", config)[0].timings_ms[key] / 1e3
+
+    prefill = _interleaved({c: timed(r, "prefill") for c, r in runtimes.items()}, repeats)
+    decode = _interleaved({c: timed(r, "decode") for c, r in runtimes.items()}, repeats)
+    return {"prefill_s": prefill, "decode_ms_per_token": {c: 1e3 * v / decode_tokens for c, v in decode.items()}}

@@ -48,24 +48,30 @@ class RunnerOutput:
     seconds: float = 0.0
 
 
-def run_runner(runtime, prompts, max_new_tokens: int, dynamic: bool) -> RunnerOutput:
+def run_runner(runtime, prompts, max_new_tokens: int, dynamic: bool, chunk: int = 4) -> RunnerOutput:
+    """Every sample's stages, router logits, exits and tokens, `chunk` samples at a time (memory:
+    one chunk's activations and caches at once; each stage is kept once, as float32 on the CPU,
+    because it is what `compare` compares)."""
     out = RunnerOutput(stages=[{} for _ in prompts])
     start = time.perf_counter()
-
-    def observe(stage, sample, tensor):
-        out.stages[sample][stage] = tensor.detach().float().cpu()
-
-    probe = runtime.generate(prompts, "none", GenerationConfig(max_new_tokens=1), observe=observe,
-                             probe_routers=dynamic)
-    for i, r in enumerate(probe):
-        out.stages[i]["logits"] = r.first_logits.float()
-        for layer, logits in r.router_logits.items():
-            out.stages[i][f"router {layer}"] = torch.tensor(logits)
-        out.probe_logits.append(r.router_logits)
     policy = "dynamic" if dynamic else "none"
-    for r in runtime.generate(prompts, policy, GenerationConfig(max_new_tokens=max_new_tokens)):
-        out.exit_layers.append(r.exit_layer)
-        out.tokens.append(r.generated_ids)
+    for first in range(0, len(prompts), chunk):
+        part = prompts[first:first + chunk]
+
+        def observe(stage, sample, tensor, first=first):
+            out.stages[first + sample][stage] = tensor.detach().float().cpu()
+
+        probe = runtime.generate(part, "none", GenerationConfig(max_new_tokens=1), observe=observe,
+                                 probe_routers=dynamic)
+        for i, r in enumerate(probe, start=first):
+            out.stages[i]["logits"] = r.first_logits.float()
+            for layer, logits in r.router_logits.items():
+                out.stages[i][f"router {layer}"] = torch.tensor(logits)
+            out.probe_logits.append(r.router_logits)
+        del probe
+        for r in runtime.generate(part, policy, GenerationConfig(max_new_tokens=max_new_tokens)):
+            out.exit_layers.append(r.exit_layer)
+            out.tokens.append(r.generated_ids)
     out.seconds = time.perf_counter() - start
     return out
 

@@ -4,12 +4,17 @@ Inputs are bound straight from the orchestrator's torch tensors and outputs are 
 torch tensors allocated on the same device, so hidden states and KV caches never leave the device
 they live on (CPU here; CUDA with the CUDA/TensorRT execution providers).
 
-Memory (issue 10): every graph's weights are OrtValues over one read-only memory map of the
-package's `weights.bin` (on CUDA: one device copy), handed to each session with
-`SessionOptions.add_external_initializers`, so the segment sessions and the fused decode graph
-share one copy; the decode graph does not prepack (prepacking makes a private copy per session),
-and every run asks ONNX Runtime to shrink its arena afterwards, so a session's arena does not stay
-at the high-water mark of the largest batch it ever ran.
+Memory (issue 10): the weights are held once. On CPU, ONNX Runtime memory-maps `weights.bin` for
+every session itself (page-aligned external data), so all sessions read the same file-backed
+pages; on CUDA, each stored tensor becomes one device OrtValue handed to every session that names
+it (`SessionOptions.add_external_initializers`). Measured on CPU, handing OrtValues over a memory
+map to a session makes ONNX Runtime 1.32 copy them (595 MiB anonymous for the decode graph at the
+bench shape, against 5 MiB when it maps the file itself), so that path (`weights="ortvalues"`) is
+the CUDA default only. Prepacking (a private, re-laid-out copy of each MatMul weight per session) is
+off by default: it would hold every MatMul weight a second time (twice with the fused decode graph),
+and prefill measured within 1% without it (`python -m validation memory --speed`). Every run asks ONNX Runtime to
+shrink its arena afterwards, so a session's arena does not stay at the high-water mark of the
+largest batch it ever ran.
 """
 
 from __future__ import annotations
@@ -82,14 +87,31 @@ class SharedWeights:
         return sum(k[2] for k in self._values)
 
 
+_ENV_ARENA = False
+
+
+def _register_env_arena(ort) -> None:
+    """One CPU arena in ONNX Runtime's environment, for every session that opts in
+    (`session.use_env_allocators`): registered once per process."""
+    global _ENV_ARENA
+    if not _ENV_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _ENV_ARENA = True
+
+
 class OnnxRuntimeBackend(PackageBackend):
     def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 spin: bool = False, share_weights: bool = True, prepack: str = "prefill",
-                 shrink_arena: bool = True):
-        """`share_weights`: sessions use one memory map (CUDA: one device copy) of the weights;
+                 spin: bool = False, weights: str = "auto", prepack: str = "none",
+                 shrink_arena: bool = True, shared_arena: bool = False):
+        """`weights`: "mmap" (ONNX Runtime maps weights.bin in every session: one page-cache copy;
+        the CPU default), "ortvalues" (one OrtValue per stored tensor, on the session's device, given
+        to every session: the CUDA default), "auto";
         `prepack`: which sessions let ONNX Runtime prepack their weights (a private copy each):
-        "prefill" (all but the fused decode graph, whose weights are the segments'), "all", "none";
-        `shrink_arena`: every run returns its arena's free chunks afterwards."""
+        "none" (default), "prefill" (all but the fused decode graph, whose weights are the
+        segments'), "all" (the behaviour before issue 10);
+        `shrink_arena`: every run returns its arena's free chunks afterwards; `shared_arena` (CPU):
+        every session allocates from one process-wide arena instead of its own (experimental)."""
         import onnxruntime as ort
 
         super().__init__(package, manifest)
@@ -106,7 +128,11 @@ class OnnxRuntimeBackend(PackageBackend):
         self._ort_device = "cuda" if device != "cpu" else "cpu"
         if prepack not in ("prefill", "all", "none"):
             raise DyVTEError(f"unknown prepack setting {prepack!r}; choose prefill, all or none")
-        self.weights = SharedWeights(self.package / "graphs", self._ort_device) if share_weights else None
+        if weights == "auto":
+            weights = "mmap" if self._ort_device == "cpu" else "ortvalues"
+        if weights not in ("mmap", "ortvalues"):
+            raise DyVTEError(f"unknown weights setting {weights!r}; choose auto, mmap or ortvalues")
+        self.weights = SharedWeights(self.package / "graphs", self._ort_device) if weights == "ortvalues" else None
         self.sessions = {}
         for graph in manifest.graphs:
             path = self.graph_path(graph)
@@ -118,6 +144,9 @@ class OnnxRuntimeBackend(PackageBackend):
             # Every graph has its own session and thread pool; threads left spinning after one graph's
             # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            if shared_arena and self._ort_device == "cpu":
+                _register_env_arena(ort)
+                options.add_session_config_entry("session.use_env_allocators", "1")
             if prepack == "none" or (prepack == "prefill" and graph.name == "decode"):
                 options.add_session_config_entry("session.disable_prepacking", "1")
             try:

@@ -113,6 +113,17 @@ PRESETS = {
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     ),
+    # The memory test's shape (tests/test_memory.py): decoder weights (~200 MB fp32, wide MLPs in
+    # 4 layers) far above a runtime's fixed overhead, so a second copy of them shows, yet quick to export.
+    "memory": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=30, patch_size=6),
+        llm=dict(hidden_size=256, intermediate_size=16384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    ),
 }
 
 
