@@ -69,6 +69,8 @@ class SharedWeights:
             info = {e.key: e.value for e in tensor.external_data}
             offset, length = int(info.get("offset", 0)), int(info["length"])
             dtype = tensor_dtype_to_np_dtype(tensor.data_type)
+            if length != int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize:
+                continue  # packed sub-byte data (INT4/UINT4 of the QDQ form): ONNX Runtime reads it itself
             key = (info["location"], offset, length, dtype.str, tuple(tensor.dims))
             if key not in self._values:
                 raw = self._map(info["location"])[offset:offset + length]
