@@ -60,8 +60,13 @@ def test_manifest_records_quantization(quant_packages, builtin_vila):
     from exporter.package import weights_bytes
 
     fp32 = weights_bytes(builtin_vila, "fp32")
-    # the float weights of quantized graphs never reach weights.bin: int4 < int8 < fp32
-    assert sizes["int4"] < sizes["int8"] < 0.75 * fp32, (sizes, fp32)
+    # the float weights of quantized graphs never reach weights.bin (its size on this tiny model is
+    # mostly page alignment and the float32 vision tower/embedding); the decoder's bytes: int4 < int8
+    assert max(sizes.values()) < 0.75 * fp32, (sizes, fp32)
+    from validation.bench import decode_weight_bytes
+
+    decoder = {p: decode_weight_bytes(package) for p, package in quant_packages.items()}
+    assert decoder["int4"] < 0.75 * decoder["int8"], decoder
 
 
 def test_graph_forms(quant_packages):

@@ -31,6 +31,9 @@ PROVIDER_ALIASES = {
 }
 
 
+_SUB_BYTE = (22, 21)  # onnx.TensorProto.INT4, UINT4
+
+
 class SharedWeights:
     """One OrtValue per stored tensor of the package's external data, over one memory map per file
     (CPU: no copy; CUDA: one device copy), shared by every session that names it."""
@@ -59,8 +62,8 @@ class SharedWeights:
         model = onnx.load(str(graph_path), load_external_data=False)
         names, values = [], []
         for tensor in model.graph.initializer:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
+            if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type in _SUB_BYTE:
+                continue  # sub-byte (int4 packages' weights): numpy has no such dtype; the session reads them
             info = {e.key: e.value for e in tensor.external_data}
             offset, length = int(info.get("offset", 0)), int(info["length"])
             dtype = tensor_dtype_to_np_dtype(tensor.data_type)
@@ -118,7 +121,8 @@ class OnnxRuntimeBackend(PackageBackend):
             # Every graph has its own session and thread pool; threads left spinning after one graph's
             # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-            if prepack == "none" or (prepack == "prefill" and graph.name == "decode"):
+            # quantized packages: MatMulNBits runs on prepacked weights (measured >10x slower without, int4 LM head)
+            if prepack == "none" or (prepack == "prefill" and graph.name == "decode" and not manifest.precision.quantized):
                 options.add_session_config_entry("session.disable_prepacking", "1")
             try:
                 if self.weights is not None:
