@@ -99,7 +99,18 @@ class Runtime:
         them (with policy `none`)."""
         policy = ExitPolicy.parse(policy) if isinstance(policy, str) else policy
         config = config or GenerationConfig()
-        self.check(prompts, policy, config.max_new_tokens)
+        self.check(prompts, policy, config.max_new_tokens, whole_batch=False)
+        chunks = self._chunks(prompts, config.max_new_tokens)
+        if len(chunks) > 1:  # over the limits: run in batches that fit, results in order
+            out: list[Generation] = []
+            for start, stop in chunks:
+                tokens = observed = None
+                if on_token is not None:
+                    tokens = lambda sample, token, _o=start: on_token(sample + _o, token)  # noqa: E731
+                if observe is not None:
+                    observed = lambda stage, sample, t, _o=start: observe(stage, sample + _o, t)  # noqa: E731
+                out += self.generate(prompts[start:stop], policy, config, tokens, observed, probe_routers)
+            return out
         results = [Generation(list(p.input_ids), p.visual_span) for p in prompts]
         t0 = time.perf_counter()
         batch = self.prefill(prompts, policy, results, observe, probe_routers, reserve=config.max_new_tokens)
@@ -145,10 +156,25 @@ class Runtime:
 
     # ------------------------------------------------------------------ checks
 
-    def check(self, prompts: list[Prompt], policy: ExitPolicy, max_new_tokens: int) -> None:
+    def _chunks(self, prompts: list[Prompt], max_new_tokens: int) -> list[tuple[int, int]]:
+        """Consecutive [start, stop) ranges of `prompts` that each fit the runtime's limits."""
+        if self.limits is None:
+            return [(0, len(prompts))]
+        chunks, start, tokens = [], 0, 0
+        for i, p in enumerate(prompts):
+            need = len(p.input_ids) + max_new_tokens
+            if i > start and not self.limits.admits(i - start + 1, tokens + need):
+                chunks.append((start, i))
+                start, tokens = i, 0
+            tokens += need
+        chunks.append((start, len(prompts)))
+        return chunks
+
+    def check(self, prompts: list[Prompt], policy: ExitPolicy, max_new_tokens: int, whole_batch: bool = True) -> None:
         """Refuse (DyVTEError) what this backend cannot run: no prompts, a dynamic policy without
-        routers, a static exit where no segment ends, a prompt too long for the context, a batch
-        over the runtime's limits."""
+        routers, a static exit where no segment ends, a prompt too long for the context, a prompt
+        over the runtime's token limit, and (`whole_batch`, for callers that cannot split it) a
+        batch over the runtime's limits."""
         b = self.backend
         if not prompts:
             raise DyVTEError("nothing to generate: no prompts given")
@@ -163,8 +189,6 @@ class Runtime:
                     f"cannot exit after layer {policy.layer}: exits are possible after layers "
                     f"{_ranges(ends)} of this model (0-based)"
                 )
-        if self.limits is not None:
-            self.limits.check(len(prompts), sum(len(p.input_ids) + max_new_tokens for p in prompts))
         limit = b.shape.max_positions
         for i, p in enumerate(prompts):
             if len(p.input_ids) + max_new_tokens > limit:
@@ -172,6 +196,12 @@ class Runtime:
                     f"prompt {i} has {len(p.input_ids)} tokens (with the image); with {max_new_tokens} "
                     f"new tokens it exceeds the model's context of {limit} positions"
                 )
+        if self.limits is not None:
+            if whole_batch:
+                self.limits.check(len(prompts), sum(len(p.input_ids) + max_new_tokens for p in prompts))
+            else:
+                for p in prompts:
+                    self.limits.check(1, len(p.input_ids) + max_new_tokens)
 
     # ------------------------------------------------------------------ stages
 
@@ -316,3 +346,4 @@ def _ranges(values: list[int]) -> str:
             out.append(f"{start}..{prev}" if prev != start else f"{start}")
             start = cur
     return ", ".join(out)
+

@@ -165,3 +165,29 @@ def test_cli_torch_backend_of_a_package_matches_onnxruntime(vila_package, vila_e
         assert ref["input_ids"] == ort["input_ids"] and ref["visual_span"] == ort["visual_span"]
         assert ref["exit_layer"] == ort["exit_layer"]
         assert ref["generated_ids"] == ort["generated_ids"] and len(ref["generated_ids"]) > 1
+
+
+def test_a_batch_over_the_limits_runs_in_chunks_that_fit(vila_package):
+    """generate() with more rows or tokens than the runtime's limits splits the batch (in order, sample
+    indices of the callbacks kept); a single prompt over max_tokens is refused by name."""
+    from engines.memory import RuntimeLimits
+
+    runtime = open_package(vila_package)
+    prompts = sample_prompts(runtime)
+    assert len(prompts) >= 3
+    config = GenerationConfig(max_new_tokens=4)
+    whole = Runtime(runtime.backend, runtime.processor, limits=None).generate(prompts, "dynamic", config)
+    longest = max(len(p.input_ids) for p in prompts) + 4
+    bounded = Runtime(runtime.backend, runtime.processor, RuntimeLimits(max_batch=2, max_tokens=2 * longest))
+    assert len(bounded._chunks(prompts, 4)) >= 2
+    streamed: dict[int, list[int]] = {}
+    split = bounded.generate(prompts, "dynamic", config,
+                             on_token=lambda i, t: streamed.setdefault(i, []).append(t))
+    assert [g.generated_ids for g in split] == [g.generated_ids for g in whole]
+    assert [g.exit_layer for g in split] == [g.exit_layer for g in whole]
+    assert streamed == {i: g.generated_ids for i, g in enumerate(whole)}
+    tight = Runtime(runtime.backend, runtime.processor, RuntimeLimits(max_batch=2, max_tokens=longest - 1))
+    from engines.core.errors import DyVTEError
+
+    with pytest.raises(DyVTEError, match="max_tokens"):
+        tight.generate(prompts, "dynamic", config)
