@@ -120,7 +120,7 @@ def evaluate_package(model, package, samples: list[VQASample], batch_size: int =
     for policy in policies:
         inner = model.routers.inner if policy == "dynamic" else 0
         ref = run_policy(model, prompts, policy, batch_size, max_new_tokens)
-        pkg = run_policy(runtime, prompts, policy, batch_size, max_new_tokens)
+        pkg = run_policy(runtime, prompts, policy, min(batch_size, runtime.limits.max_batch), max_new_tokens)
         a, b = policy_stats(model, samples, prompts, ref, inner), policy_stats(model, samples, prompts, pkg, inner)
         n = len(prompts)
         row = {"reference_accuracy": a["accuracy"], "package_accuracy": b["accuracy"],

@@ -36,6 +36,9 @@ PROVIDER_ALIASES = {
 }
 
 
+_SUB_BYTE = (22, 21)  # onnx.TensorProto.INT4, UINT4
+
+
 class SharedWeights:
     """One OrtValue per stored tensor of the package's external data, over one memory map per file
     (CPU: no copy; CUDA: one device copy), shared by every session that names it."""
@@ -64,13 +67,11 @@ class SharedWeights:
         model = onnx.load(str(graph_path), load_external_data=False)
         names, values = [], []
         for tensor in model.graph.initializer:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
+            if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type in _SUB_BYTE:
+                continue  # sub-byte (int4 packages' weights): numpy has no such dtype; the session reads them
             info = {e.key: e.value for e in tensor.external_data}
             offset, length = int(info.get("offset", 0)), int(info["length"])
             dtype = tensor_dtype_to_np_dtype(tensor.data_type)
-            if length != int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize:
-                continue  # packed sub-byte data (INT4/UINT4 of the QDQ form): ONNX Runtime reads it itself
             key = (info["location"], offset, length, dtype.str, tuple(tensor.dims))
             if key not in self._values:
                 raw = self._map(info["location"])[offset:offset + length]
@@ -149,7 +150,11 @@ class OnnxRuntimeBackend(PackageBackend):
             if shared_arena and self._ort_device == "cpu":
                 _register_env_arena(ort)
                 options.add_session_config_entry("session.use_env_allocators", "1")
-            if prepack == "none" or (prepack == "prefill" and graph.name == "decode"):
+            # quantized packages: MatMulNBits runs on prepacked weights (measured >10x slower without, int4
+            # LM head); their packed copies are small
+            if not manifest.precision.quantized and (
+                prepack == "none" or (prepack == "prefill" and graph.name == "decode")
+            ):
                 options.add_session_config_entry("session.disable_prepacking", "1")
             try:
                 if self.weights is not None:

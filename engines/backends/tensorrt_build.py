@@ -385,8 +385,14 @@ def build_engines(package, max_batch: int = DEFAULT_MAX_BATCH, max_text: int = D
     manifest = Manifest.load(package, verify=verify)
     package_precision = manifest.precision.name
     precision = precision or package_precision
-    if precision not in ("fp32", "fp16"):
-        raise DyVTEError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    quant = manifest.quantization
+    if quant is not None and not quant.tensorrt:
+        raise DyVTEError(f"the {package_precision} package's graphs use ONNX Runtime's {quant.format} operator, which "
+                         "TensorRT cannot parse; for TensorRT export --precision int4 (blocked DequantizeLinear), "
+                         "fp16 or fp32")
+    allowed = ("fp32", "fp16") if quant is None else (package_precision,)  # quantized: built strongly typed
+    if precision not in allowed:
+        raise DyVTEError(f"unknown precision {precision!r} for this package; choose {' or '.join(allowed)}")
     if package_precision == "fp16" and precision == "fp32":
         raise DyVTEError("an fp16 package cannot give fp32 engines; export it with --precision fp32")
     typing = resolve_typing(trt, typing, package_precision, precision)

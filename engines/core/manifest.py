@@ -153,13 +153,15 @@ class Quantization:
     quantizer: str = ""
     quantizer_version: str = ""
     tensorrt: bool = False  # the quantized graphs are standard ONNX TensorRT parses
+    accuracy_level: int = 0  # MatMulNBits' accuracy_level (4: int8 activations in the product); 0: unset
 
     FORMATS = ("QDQ", "MatMulNBits")
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric, "format": self.format,
                 "graphs": list(self.graphs), "quantizer": self.quantizer,
-                "quantizer_version": self.quantizer_version, "tensorrt": self.tensorrt}
+                "quantizer_version": self.quantizer_version, "tensorrt": self.tensorrt,
+                "accuracy_level": self.accuracy_level}
 
 
 @dataclass
@@ -677,7 +679,8 @@ def _parse_quantization(q: "_Reader | None") -> Quantization | None:
     return Quantization(q.int("bits", 1), q.int("block_size", 1), q.get("symmetric", bool, "true or false"), fmt,
                         tuple(graphs), q.str("quantizer", optional=True, default=""),
                         q.str("quantizer_version", optional=True, default=""),
-                        q.get("tensorrt", bool, "true or false", optional=True, default=False))
+                        q.get("tensorrt", bool, "true or false", optional=True, default=False),
+                        q.int("accuracy_level", optional=True) or 0)
 
 
 def _parse_split(s: _Reader, num_layers: int) -> Split:
