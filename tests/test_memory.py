@@ -65,8 +65,11 @@ def test_limits_are_enforced(vila_package):
     prompts = [runtime.prepare("what color is the circle?")] * 3
     n = len(prompts[0].input_ids)
     assert runtime.admits(2, 2 * (n + 4)) and not runtime.admits(3, 3 * n) and not runtime.admits(1, 401)
-    with pytest.raises(DyVTEError, match="max_batch of 2"):
-        runtime.generate(prompts, "none")
+    from engines.policy import ExitPolicy
+
+    with pytest.raises(DyVTEError, match="max_batch of 2"):  # what a caller that cannot split a batch is told
+        runtime.check(prompts, ExitPolicy.parse("none"), 4)
+    assert runtime._chunks(prompts, 4) == [(0, 2), (2, 3)]  # generate() runs such a batch in chunks
     with pytest.raises(DyVTEError, match="max_tokens of 400"):
         runtime.generate(prompts[:1], "none", _config(400))
     assert len(runtime.generate(prompts[:2], "none", _config(2))) == 2
