@@ -140,6 +140,7 @@ CASES = [
          ("cannot write --output", "/proc/dyvte-pkg")),
     Case("output-under-sys", "export", ["--model", "vila", "--output", "/sys/dyvte-pkg", *E],
          ("cannot write --output", "/sys/dyvte-pkg")),
+    Case("output-is-a-mount-point", "export", ["--model", "vila", "--output", "/proc", *E], ("mount point",)),
     Case("output-parent-is-a-file", "export", ["--model", "vila", "--output", "{tmp}/notes.txt/pkg", *E],
          ("notes.txt is a file",), setup=user_file),
     # ---------------------------------------------------------------- flags checked before any work
