@@ -13,8 +13,6 @@ from pathlib import Path
 
 from engines.core.errors import DyVTEError, run_cli
 
-STREAMED_FAMILIES = ("vila",)  # families whose loader can leave the language model on disk (--stream)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python export.py", description=__doc__,
@@ -28,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "replaced, anything else only with --force")
     p.add_argument("--force", action="store_true",
                    help="replace --output even when it is not a package (never the checkpoint or another input)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
+                   help="fp32/fp16 float graphs; int8/int4: weight-only quantized decoder and LM head "
+                        "(ONNX Runtime's MatMulNBits quantizer, symmetric, block-wise; see exporter/quantize.py)")
+    p.add_argument("--quant-block", type=int, help="int8/int4: weights per scale along K (power of two >= 16 "
+                   "dividing the hidden size; default 32)")
     p.add_argument("--exit-window", help="START:END layers after which the exit may happen (inclusive), "
                    "'auto' to calibrate on sample inputs, 'none' for no exit; default: every layer")
     p.add_argument("--backend", choices=("onnx", "tensorrt", "all"), default="onnx",
@@ -38,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="text file, one prompt per line, for calibration/validation")
     p.add_argument("--thresholds", help="JSON file overriding the parity thresholds of the precision")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--stream", action="store_true",
-                   help="keep the language model's weights on disk and load each graph's share only while it "
-                        "exports (checkpoints bigger than memory; VILA layout). Validation, unless --no-validate, "
-                        "then loads the whole model once")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the checkpoint's weights on disk: each graph's share is read memory-mapped while it "
+                        "exports, and the validation's PyTorch reference reads each layer's while it runs. "
+                        "Default: on when the weights exceed half the available memory")
     return p
 
 
@@ -125,23 +127,33 @@ def run(args) -> int:
 
     output = check_args(args)
     options = {k: v for k, v in (("vision_tower", args.vision_tower), ("template", args.template)) if v}
-    materialize = None
-    if args.stream:
-        if args.model not in STREAMED_FAMILIES or args.checkpoint is None:
-            raise DyVTEError(f"--stream needs --checkpoint of a {' or '.join(STREAMED_FAMILIES)} model "
-                             "(other layouts load eagerly)")
-        if args.exit_window == "auto":
-            raise DyVTEError("--exit-window auto runs the model to calibrate; give START:END with --stream")
-        from exporter.streaming import stream_weights
+    materialize, stream = None, False
+    if args.checkpoint is None:
+        if args.stream:
+            raise DyVTEError("--stream needs --checkpoint (the built-in models are small and load eagerly)")
+    else:
+        from exporter.streaming import checkpoint_folders, choose_streaming, stream_weights
 
-        materialize = stream_weights
-    model = load_model(args.model, args.checkpoint, args.routers, lazy=args.stream, **options)
+        try:
+            stream, why = choose_streaming(checkpoint_folders(args.checkpoint, options), args.stream)
+        except DyVTEError:  # not a readable checkpoint: the family's loader says why
+            stream, why = bool(args.stream), "checkpoint size unknown"
+        print(f"streaming: {'on' if stream else 'off'} ({why})", file=sys.stderr)
+        if stream and args.exit_window == "auto":
+            raise DyVTEError("--exit-window auto runs the model to calibrate; give START:END with --stream")
+        materialize = stream_weights if stream else None
+    model = load_model(args.model, args.checkpoint, args.routers, lazy=stream, **options)
+    from exporter.quantize import check_config
+    from engines.core.precision import get_precision
+
+    check_config(get_precision(args.precision), args.quant_block, model.shape)  # before any export work
     samples = lambda runtime: sample_prompts(runtime, args.images, args.prompts)  # noqa: E731
     plan = choose_plan(args, model, samples)
     source = {"family": args.model, "checkpoint": args.checkpoint, "routers": args.routers, **options}
     protect = (args.checkpoint, args.routers, args.vision_tower, args.images, args.prompts, args.thresholds)
     package = export_onnx(model, output, args.precision, plan, progress=not args.no_progress,
-                          source=source, materialize=materialize, force=args.force, protect=protect)
+                          source=source, materialize=materialize, force=args.force, protect=protect,
+                          quant_block=args.quant_block)
     print(f"package written: {package}")
     if args.backend in ("tensorrt", "all"):
         from engines.backends.tensorrt_build import build_engines
@@ -151,10 +163,6 @@ def run(args) -> int:
         return 0
     from validation.parity import validate_package
     from validation.report_cli import read_thresholds
-
-    if args.stream:  # the PyTorch reference needs every weight: loaded now, after the export
-        del model
-        model = load_model(args.model, args.checkpoint, args.routers, **options)
 
     report = validate_package(package, model=model, images=args.images, prompts=args.prompts,
                               thresholds=read_thresholds(args.thresholds), progress=not args.no_progress)

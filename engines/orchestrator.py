@@ -16,6 +16,7 @@ import torch
 
 from engines.backends.base import Backend
 from engines.kv_cache import KVCache
+from engines.memory import RuntimeLimits
 from engines.policy import ExitPolicy, GenerationConfig, TokenSampler
 from engines.core.dyvte import drop_visual, exit_decision, layout_prompts, router_weights, splice_visual
 from engines.core.errors import DyVTEError
@@ -64,9 +65,17 @@ class Cohort:
 class Runtime:
     """Generation with DyVTE on any backend: `Runtime(backend, processor).generate(prompts, ...)`."""
 
-    def __init__(self, backend: Backend, processor):
+    def __init__(self, backend: Backend, processor, limits: RuntimeLimits | None = None):
+        """`limits`: the batch / token budget `generate` and `prefill` enforce (None: unbounded,
+        as for the PyTorch reference in training); `open_package` sets one."""
         self.backend = backend
         self.processor = processor
+        self.limits = limits
+
+    def admits(self, batch: int, tokens: int) -> bool:
+        """Whether a batch of `batch` rows holding `tokens` cache positions in all (prompts + new
+        tokens) is within this runtime's limits (what a scheduler asks before joining requests)."""
+        return self.limits is None or self.limits.admits(batch, tokens)
 
     def prepare(self, question: str, image=None) -> Prompt:
         return self.processor.build(question, image)
@@ -138,7 +147,8 @@ class Runtime:
 
     def check(self, prompts: list[Prompt], policy: ExitPolicy, max_new_tokens: int) -> None:
         """Refuse (DyVTEError) what this backend cannot run: no prompts, a dynamic policy without
-        routers, a static exit where no segment ends, a prompt too long for the context."""
+        routers, a static exit where no segment ends, a prompt too long for the context, a batch
+        over the runtime's limits."""
         b = self.backend
         if not prompts:
             raise DyVTEError("nothing to generate: no prompts given")
@@ -153,6 +163,8 @@ class Runtime:
                     f"cannot exit after layer {policy.layer}: exits are possible after layers "
                     f"{_ranges(ends)} of this model (0-based)"
                 )
+        if self.limits is not None:
+            self.limits.check(len(prompts), sum(len(p.input_ids) + max_new_tokens for p in prompts))
         limit = b.shape.max_positions
         for i, p in enumerate(prompts):
             if len(p.input_ids) + max_new_tokens > limit:

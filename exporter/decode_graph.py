@@ -82,8 +82,15 @@ def compose_decode_graph(folder: Path, manifest_graphs) -> tuple[onnx.ModelProto
         merged.value_info.extend(part.value_info)
     merged.input.extend(inputs)
     merged.output.extend(outputs)
-    model = onnx.helper.make_model(merged, opset_imports=list(embed.opset_import), producer_name="dyvte-export")
-    model.ir_version = embed.ir_version
+    opsets: dict[str, int] = {}  # quantized segments may use a newer opset / the com.microsoft domain
+    irs = [embed.ir_version]
+    for proto in [embed, head] + [load(g) for g in segments[:1]]:
+        irs.append(proto.ir_version)
+        for imp in proto.opset_import:
+            opsets[imp.domain] = max(opsets.get(imp.domain, 0), imp.version)
+    model = onnx.helper.make_model(merged, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+                                   producer_name="dyvte-export")
+    model.ir_version = max(irs)
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         t = value.type.tensor_type

@@ -275,10 +275,12 @@ def save_graph(model: onnx.ModelProto, path: Path, store: WeightStore) -> None:
         f.write(model.SerializeToString())
 
 
-def check_graph(path: Path) -> list[str]:
+def check_graph(path: Path, quant=None) -> list[str]:
     """onnx.checker + shape inference (path-based, so external data of any size works) and the
-    TensorRT parser lint; returns the lint's findings."""
-    from exporter.trt_lint import lint_for_tensorrt
+    TensorRT parser lint; returns the lint's findings. A quantized graph (`quant`, an
+    `exporter.quantize.QuantConfig`) is linted in its QDQ form; the ONNX Runtime-only MatMulNBits
+    form is not TensorRT's to parse (the manifest says so) and is not linted."""
+    from exporter.trt_lint import QDQ_MAX_OPSET, lint_for_tensorrt
 
     try:
         onnx.checker.check_model(str(path), full_check=False)
@@ -287,4 +289,7 @@ def check_graph(path: Path) -> list[str]:
         inferred.unlink()
     except Exception as exc:
         raise DyVTEError(f"exported graph {path.name} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
-    return lint_for_tensorrt(onnx.load(str(path), load_external_data=False))
+    if quant is not None and not quant.tensorrt:
+        return []
+    max_opset = QDQ_MAX_OPSET if quant is not None else None
+    return lint_for_tensorrt(onnx.load(str(path), load_external_data=False), max_opset=max_opset)

@@ -30,6 +30,7 @@ from exporter.graphs import graph_specs
 from exporter.models.base import MultimodalModel
 from exporter.onnx_export import OPSET, SegmentTemplates, WeightStore, check_graph, export_graph, save_graph
 from exporter.plan import SplitPlan
+from exporter.quantize import QUANTIZED_ROLES, load_weights, quantize_model
 
 
 
@@ -77,6 +78,7 @@ def export_onnx(
     materialize: Callable[[torch.nn.Module], ContextManager] | None = None,
     force: bool = False,
     protect: Sequence[str | Path | None] = (),
+    quant_block: int | None = None,
 ) -> Path:
     """Write the package for `model` to `output` (atomically) and return its path.
 
@@ -84,13 +86,17 @@ def export_onnx(
     `force` (`exporter.output.check_output`); the model's checkpoint and the `protect`ed paths are
     never replaced. `materialize(module)` is entered around each graph's export: a model whose
     weights are not in memory yet (meta tensors) loads them there and drops them on exit, so peak
-    memory stays near the largest graph rather than the whole model."""
+    memory stays near the largest graph rather than the whole model.
+
+    int8 / int4 quantize the decoder segments' and the LM head's weight MatMuls with ONNX Runtime's
+    quantizer (`exporter.quantize`), `quant_block` weights per scale (checked before any work)."""
     from exporter.output import (check_output, os_error, partial_name, remove_stale_partials,
                                  restore_interrupted_swap, swap_into_place)
 
+    from exporter.quantize import check_config
+
     precision = get_precision(precision)
-    if precision.quantized:
-        raise DyVTEError(f"precision {precision} is not supported by this exporter yet; choose fp32 or fp16")
+    quant = check_config(precision, quant_block, model.shape)
     protect = (*protect, (model.source or {}).get("checkpoint"))
     output = check_output(output, force, protect)
     if os.path.lexists(output) and not overwrite:
@@ -109,9 +115,14 @@ def export_onnx(
     except OSError as exc:
         raise os_error("write the package to", output, exc) from None
     try:
-        graphs = _export_graphs(model, tmp / "graphs", precision, plan, progress, materialize or _in_memory)
+        graphs = _export_graphs(model, tmp / "graphs", precision, plan, progress, materialize or _in_memory, quant)
         model.processor.save(tmp / "processor")
         manifest = _manifest(model, precision, plan, graphs, started)
+        if quant is not None:
+            from exporter.quantize import QUANTIZED_ROLES, manifest_record
+
+            names = [g.name for g in graphs if g.role in QUANTIZED_ROLES or g.role == "decode"]
+            manifest.quantization = manifest_record(quant, names, manifest.versions.get("onnxruntime", ""))
         if source is not None:
             manifest.source = dict(source)
         manifest.save(tmp)
@@ -164,7 +175,7 @@ def _entry(spec, float_name: str, seconds: float, inputs=None, outputs=None) -> 
 
 
 def _export_graphs(model, folder: Path, precision: Precision, plan: SplitPlan, progress: bool,
-                   materialize) -> list[GraphEntry]:
+                   materialize, quant=None) -> list[GraphEntry]:
     specs = graph_specs(model, plan.segments, _image_shape(model))
     store = WeightStore(folder / "weights.bin")
     dtype = precision.dtype
@@ -175,28 +186,37 @@ def _export_graphs(model, folder: Path, precision: Precision, plan: SplitPlan, p
         bar.set_description(f"export {spec.name}")
         t0 = time.perf_counter()
         path = folder / f"{spec.name}.onnx"
+        quantized = quant is not None and spec.role in QUANTIZED_ROLES
+        # a graph to quantize is built with its float weights in a staging file, then quantized in
+        # memory; only the quantized tensors reach weights.bin
+        target = WeightStore(folder.parent / "staging.bin") if quantized else store
         with materialize(spec.module):
             if spec.role == "decoder":
-                proto = templates.build(spec, model.shape, store)
+                proto = templates.build(spec, model.shape, target)
             else:
                 module = spec.module
                 if next(module.parameters()).dtype != dtype:
                     spec.module = copy.deepcopy(module).to(dtype)
-                proto = export_graph(spec, dtype, store)
+                proto = export_graph(spec, dtype, target)
                 spec.module = module
+            if quantized:
+                target.close()
+                load_weights(proto, target.path.parent)
+                target.path.unlink()
+                proto = quantize_model(proto, quant, spec.name)
             save_graph(proto, path, store)
             del proto
-        lint = check_graph(path)
+        lint = check_graph(path, quant if quantized else None)
         if lint:
             raise DyVTEError(f"graph {spec.name} would not parse in TensorRT: {lint[0]} ({len(lint)} problems)")
         entries.append(_entry(spec, precision.float_name, time.perf_counter() - t0))
     store.close()
     bar.close()
-    entries.append(_decode_entry(folder, entries, precision.float_name))
+    entries.append(_decode_entry(folder, entries, precision.float_name, quant))
     return entries
 
 
-def _decode_entry(folder: Path, entries: list[GraphEntry], float_name: str) -> GraphEntry:
+def _decode_entry(folder: Path, entries: list[GraphEntry], float_name: str, quant=None) -> GraphEntry:
     """Compose the fused decode graph from the graphs just written (it adds no weights)."""
     from exporter.decode_graph import compose_decode_graph
     from exporter.graphs import GraphSpec
@@ -206,7 +226,7 @@ def _decode_entry(folder: Path, entries: list[GraphEntry], float_name: str) -> G
     path = folder / "decode.onnx"
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
-    lint = check_graph(path)
+    lint = check_graph(path, quant)
     if lint:
         raise DyVTEError(f"graph decode would not parse in TensorRT: {lint[0]} ({len(lint)} problems)")
     spec = GraphSpec("decode", "decode", None, inputs, outputs, None)

@@ -19,10 +19,14 @@ def open_model(family: str, checkpoint=None, routers=None, segments=None, **opti
     return Runtime(TorchBackend(model, segments), model.processor)
 
 
-def package_reference(package: str | Path, manifest: Manifest | None = None, model=None) -> Runtime:
+def package_reference(package: str | Path, manifest: Manifest | None = None, model=None,
+                      lazy: bool | None = None) -> Runtime:
     """The PyTorch reference of a package's source model, with the package's segments (so it may
-    exit exactly where the package can). `model` skips loading it again."""
+    exit exactly where the package can). `model` skips loading it again. A lazy model (`lazy`, or a
+    `model` loaded with `lazy=True`) runs on memory-mapped weights, one module's at a time; by default
+    a checkpoint is loaded lazily when `exporter.streaming.choose_streaming` says so."""
     from exporter.models import get_family, load_model
+    from exporter.streaming import checkpoint_folders, choose_streaming, is_streamed, stream_while_running
 
     manifest = manifest or Manifest.load(package)
     if model is None:
@@ -30,8 +34,12 @@ def package_reference(package: str | Path, manifest: Manifest | None = None, mod
         if src.preset is not None:
             model = get_family(src.family).preset(seed=src.seed, name=src.preset)
         else:
-            model = load_model(src.family, src.checkpoint, src.routers, **src.options)
+            if lazy is None:
+                lazy, _ = choose_streaming(checkpoint_folders(src.checkpoint, src.options), None)
+            model = load_model(src.family, src.checkpoint, src.routers, lazy=lazy, **src.options)
         _check_routers(package, src.routers_sha256, model)
+    if is_streamed(model):  # weights left on disk: each module reads its own while it runs
+        stream_while_running(model, whole=[model.vision])
     return Runtime(TorchBackend(model, list(manifest.split.segments)), model.processor)
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import onnx
 
 TRT_MAX_OPSET = 20
+# Blocked DequantizeLinear (the int4 packages' weights) is opset 21; onnx-tensorrt's matrix of
+# TensorRT 10.15 reads opsets 9-24, with INT4/INT8 DequantizeLinear whose zero point is zero.
+QDQ_MAX_OPSET = 21
+_QUANT_TYPES = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.INT8: "int8"}
 TRT_SUPPORTED_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike
 Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace
@@ -37,12 +41,33 @@ def _nodes(graph: onnx.GraphProto):
                 yield from _nodes(g)
 
 
-def lint_for_tensorrt(model: onnx.ModelProto) -> list[str]:
-    """Problems TensorRT's ONNX parser would have with `model`; empty when it should parse."""
+def _dequantize_problems(model: onnx.ModelProto) -> list[str]:
+    """TensorRT's DequantizeLinear: INT8/INT4 input, and a zero point (if any) that is zero."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
     problems = []
+    for node in _nodes(model.graph):
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        x = inits.get(node.input[0])
+        if x is not None and x.data_type not in _QUANT_TYPES:
+            problems.append(f"node {node.name or node.op_type}: DequantizeLinear of "
+                            f"{onnx.TensorProto.DataType.Name(x.data_type)} (TensorRT takes INT8/INT4)")
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is not None and zp.data_location != onnx.TensorProto.EXTERNAL and numpy_helper.to_array(zp).any():
+            problems.append(f"node {node.name or node.op_type}: DequantizeLinear zero point is not zero")
+    return problems
+
+
+def lint_for_tensorrt(model: onnx.ModelProto, max_opset: int | None = None) -> list[str]:
+    """Problems TensorRT's ONNX parser would have with `model`; empty when it should parse.
+    `max_opset` raises the opset limit (QDQ_MAX_OPSET for blocked-quantized graphs)."""
+    limit = max_opset or TRT_MAX_OPSET
+    problems = _dequantize_problems(model)
     for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx") and imp.version > TRT_MAX_OPSET:
-            problems.append(f"opset {imp.version} is above TensorRT's {TRT_MAX_OPSET}")
+        if imp.domain in ("", "ai.onnx") and imp.version > limit:
+            problems.append(f"opset {imp.version} is above TensorRT's {limit}")
     for node in _nodes(model.graph):
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"node {node.name or node.op_type}: custom domain {node.domain!r}")

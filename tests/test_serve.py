@@ -298,6 +298,8 @@ def bad_requests():
     return [
         ("malformed JSON", b'{"model": "vila", "messages": [', KEY, 400, "not valid JSON"),
         ("not an object", b'[1, 2]', KEY, 400, ""),
+        ("text that is not Unicode", b'{"model": "vila", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+         KEY, 400, ""),
         ("no messages", {"model": MODEL}, KEY, 400, "messages"),
         ("empty messages", {"model": MODEL, "messages": []}, KEY, 400, "messages"),
         ("unknown content part", {"model": MODEL, "messages": user(question, None, {"type": "input_audio",
@@ -360,8 +362,16 @@ def test_openai_client_raises_its_typed_errors(client, server):
 
 def test_prometheus_metrics_are_exported_through_ray(server):
     """The replicas' metrics (exit layers, batch sizes, time to first token, tokens) reach Ray's
-    Prometheus endpoint; batches of more than one request were observed by the earlier tests."""
+    Prometheus endpoint; a burst of concurrent requests shows batches of more than one."""
     import ray
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as http:
+            body = {"model": MODEL, "messages": user("how many stars are there?"), "temperature": 0, "max_tokens": 12}
+            return await asyncio.gather(*(http.post(f"{server}/v1/chat/completions", json=body,
+                                                    headers={"Authorization": f"Bearer {KEY}"}) for _ in range(24)))
+
+    assert [r.status_code for r in asyncio.run(burst())] == [200] * 24
 
     port = ray.nodes()[0]["MetricsExportPort"]
     deadline, text = time.monotonic() + 60, ""

@@ -2,7 +2,8 @@
 
 Commands: `report PACKAGE` (parity of an exported package; `python -m validation PACKAGE` is the
 same), `accuracy` (answers under each exit policy, with FLOPs), `bench` (what DyVTE buys, side by
-side), `export-bench` (streamed export of a LLaVA-7B-shaped model, peak memory), `serve-bench`
+side), `memory` (anonymous memory of a loaded package and its batches), `export-bench` (a random
+real-size checkpoint of a family exported streamed, with validation: peak memory), `serve-bench`
 (the Ray Serve endpoint under load). One subparser per
 command, each module exposing `add_arguments(parser)` and `run(args) -> int`; errors print
 `error: ...` and exit 2.
@@ -20,7 +21,9 @@ COMMANDS = {
     "report": ("validation.report_cli", "parity of an exported package against the PyTorch reference"),
     "accuracy": ("validation.accuracy", "accuracy, exit layers and FLOPs of none / dynamic / layer:K"),
     "bench": ("validation.bench", "DyVTE vs no exit vs monolithic graph vs transformers, side by side"),
-    "export-bench": ("validation.export_bench", "streamed export of a LLaVA-7B-shaped model: peak RSS, time"),
+    "memory": ("validation.memory_bench", "anonymous memory after load and batches of 1 and 8, x package size"),
+    "export-bench": ("validation.export_bench", "random real-size checkpoint exported streamed + validated: "
+                                                 "peak RSS, size, time"),
     "serve-bench": ("validation.serve_bench", "the Ray Serve endpoint under load: in-flight batching vs one at a "
                                               "time vs exit off"),
 }

@@ -95,6 +95,64 @@ def evaluate_accuracy(model, samples: list[VQASample], batch_size: int = 64, max
     return report
 
 
+# Answer accuracy a quantized package may lose against the fp32 PyTorch reference (points of 1.0).
+PACKAGE_TOLERANCE = {"fp32": 0.0, "fp16": 0.005, "int8": 0.005, "int4": 0.02}
+
+
+def evaluate_package(model, package, samples: list[VQASample], batch_size: int = 64, max_new_tokens: int = 4,
+                     progress=None) -> dict:
+    """An exported package (ONNX Runtime) against the fp32 PyTorch reference `model` on `samples`:
+    accuracy under `none` and `dynamic` of both, the package's loss against the precision's
+    tolerance, exit-layer agreement and greedy-answer agreement per sample, and prefill FLOPs."""
+    from engines.core.manifest import Manifest
+    from engines.load import open_package
+
+    if not samples:
+        raise DyVTEError("no evaluation samples")
+    manifest = Manifest.load(package)
+    runtime = open_package(package, verify=False)
+    model.eval()
+    prompts = prepare_prompts(model, samples)
+    policies = ["none"] + (["dynamic"] if model.routers is not None and manifest.split.router_layers else [])
+    out = {"package": str(package), "precision": manifest.precision.name, "num_samples": len(samples),
+           "tolerance": PACKAGE_TOLERANCE[manifest.precision.name],
+           "quantization": manifest.quantization.to_dict() if manifest.quantization else None, "policies": {}}
+    for policy in policies:
+        inner = model.routers.inner if policy == "dynamic" else 0
+        ref = run_policy(model, prompts, policy, batch_size, max_new_tokens)
+        pkg = run_policy(runtime, prompts, policy, batch_size, max_new_tokens)
+        a, b = policy_stats(model, samples, prompts, ref, inner), policy_stats(model, samples, prompts, pkg, inner)
+        n = len(prompts)
+        row = {"reference_accuracy": a["accuracy"], "package_accuracy": b["accuracy"],
+               "accuracy_loss": round(a["accuracy"] - b["accuracy"], 4),
+               "exit_layer_agreement": round(sum(x.exit_layer == y.exit_layer for x, y in zip(ref, pkg)) / n, 4),
+               "answer_agreement": round(sum(x.generated_ids == y.generated_ids for x, y in zip(ref, pkg)) / n, 4),
+               "reference_flops_ratio": a["flops_ratio"], "package_flops_ratio": b["flops_ratio"],
+               "package_mean_exit_layer": b["mean_exit_layer"]}
+        row["passed"] = row["accuracy_loss"] <= out["tolerance"] + 1e-9 and (
+            policy != "dynamic" or row["package_flops_ratio"] <= row["reference_flops_ratio"] + 0.01)
+        out["policies"][policy] = row
+        if progress:
+            progress(policy, row)
+    out["passed"] = all(r["passed"] for r in out["policies"].values())
+    return out
+
+
+def format_package_report(r: dict) -> str:
+    lines = [f"package {r['package']} ({r['precision']}) vs the fp32 PyTorch reference, {r['num_samples']} samples; "
+             f"tolerance {r['tolerance']:.3f} accuracy"]
+    if r.get("quantization"):
+        q = r["quantization"]
+        lines.append(f"  quantized: int{q['bits']} block {q['block_size']} "
+                     f"{'symmetric' if q['symmetric'] else 'asymmetric'} {q['format']}")
+    for policy, row in r["policies"].items():
+        lines.append(f"  {policy:<8} reference {row['reference_accuracy']:.3f}  package {row['package_accuracy']:.3f}  "
+                     f"loss {row['accuracy_loss']:+.3f}  exit agreement {row['exit_layer_agreement']:.0%}  "
+                     f"answers equal {row['answer_agreement']:.0%}  FLOPs {row['reference_flops_ratio']:.3f} / "
+                     f"{row['package_flops_ratio']:.3f}  {'pass' if row['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
 def checks(report: dict) -> dict:
     """The claims DyVTE makes, on this model: accuracy kept, a real exit, and no static exit of equal
     or higher compute (VTW's fixed layer) answers better."""
@@ -147,6 +205,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", help="write the report as JSON to this file")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a DyVTE check fails")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"),
+                        help="evaluate an exported package of this precision against the fp32 reference "
+                             "(exported to a temporary folder unless --package is given)")
+    parser.add_argument("--package", help="the exported package to evaluate (with --precision: must match it)")
+    parser.add_argument("--quant-block", type=int, help="int8/int4 export: weights per scale (default 32)")
 
 
 def run(args) -> int:
@@ -160,6 +223,9 @@ def run(args) -> int:
     samples = load_samples(args.data, args.images, split="eval", size=args.samples, seed=args.seed)
     model = load_model(args.model, args.checkpoint, args.routers)
 
+    if args.precision or args.package:
+        return _run_package(args, model, samples)
+
     def progress(policy, s):
         print(f"  {policy:<10} accuracy {s['accuracy']:.3f}  flops {s['flops_ratio']:.3f}", file=sys.stderr)
 
@@ -171,3 +237,26 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
     failed = [k for k, v in report.get("checks", {}).items() if v is False]
     return 1 if args.check and failed else 0
+
+
+def _run_package(args, model, samples) -> int:
+    import tempfile
+
+    from engines.core.manifest import Manifest
+
+    with tempfile.TemporaryDirectory(prefix="dyvte-accuracy-") as tmp:
+        package = args.package
+        if package is None:
+            from exporter.package import export_onnx
+
+            package = export_onnx(model, Path(tmp) / "package", args.precision, progress=False,
+                                  quant_block=args.quant_block)
+        elif args.precision and Manifest.load(package, verify=False).precision.name != args.precision:
+            raise DyVTEError(f"--package {package} is not a {args.precision} package")
+        report = evaluate_package(model, package, samples, args.batch_size, args.max_new_tokens)
+    report.update(model=args.model, checkpoint=args.checkpoint, data=args.data)
+    print(format_package_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 1 if args.check and not report["passed"] else 0

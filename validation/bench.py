@@ -34,6 +34,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--workdir", help="keep the exported graphs here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--precisions", default="fp32,int8,int4",
+                        help="comma-separated package precisions for the per-precision decode section "
+                             "(bandwidth limit and share reached); 'none' to skip it")
+    parser.add_argument("--precisions-only", action="store_true",
+                        help="run only the per-precision section (skip the transformers/monolithic comparison)")
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -296,9 +301,118 @@ def table(r: dict) -> str:
     return "\n".join([head] + [f"  {a:<{width}}  {b:>9}  {c}" for a, b, c in rows])
 
 
+# --------------------------------------------------------------------------- per precision
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """The machine's measured read bandwidth in bytes/s: the best of `repeats` sums over one large
+    float32 array (one pass over memory, far larger than the caches)."""
+    a = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def decode_weight_bytes(package: Path) -> int:
+    """Bytes of the weights one decode step reads: every initializer of the decoder segments and
+    the LM head, as stored (quantized weights, scales), the embedding table apart (one row read)."""
+    import onnx
+
+    from engines.core.manifest import Manifest
+
+    manifest = Manifest.load(package, verify=False)
+    total = 0
+    for g in manifest.segment_graphs + manifest.by_role("lm_head"):
+        model = onnx.load(str(manifest.resolve(package, g.file)), load_external_data=False)
+        for t in model.graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
+
+
+def run_precisions(model, prompt, folder: Path, precisions: list[str], repeats: int, decode_tokens: int,
+                   packages: dict | None = None) -> dict:
+    """Per precision (a package each, no exit): decode ms/token, prefill, and the decode step's
+    bandwidth limit (weights + KV cache read once at the measured read bandwidth) with the share of
+    it reached. Contenders run interleaved."""
+    from engines.load import open_package
+    from exporter.package import export_onnx
+
+    packages = dict(packages or {})
+    for p in precisions:
+        if p not in packages:
+            print(f"export {p} package ...", file=sys.stderr)
+            packages[p] = export_onnx(model, folder / f"dyvte-{p}", p, progress=True)
+    runtimes = {p: open_package(packages[p], verify=False) for p in precisions}
+    n = decode_tokens
+
+    def run(p, tokens):
+        return runtimes[p].generate([prompt], "none", GenerationConfig(max_new_tokens=tokens))[0]
+
+    prefill = _interleaved({p: (lambda p=p: run(p, 1).timings_ms["prefill"] / 1e3) for p in precisions}, repeats)
+    decode = _interleaved({p: (lambda p=p: run(p, n + 1).timings_ms["decode"] / n) for p in precisions},
+                          max(2, repeats // 2))
+    bandwidth = read_bandwidth()
+    s = model.shape
+    seq = len(prompt.input_ids) + n // 2  # mean cache length over the timed steps
+    kv = s.num_layers * seq * s.kv_bytes_per_token(4)
+    out = {"read_bandwidth_gb_s": bandwidth / 1e9, "kv_cache_bytes": kv, "precisions": {}}
+    for p in precisions:
+        weights = decode_weight_bytes(packages[p])
+        limit_ms = 1e3 * (weights + kv) / bandwidth
+        out["precisions"][p] = {"decode_ms_per_token": decode[p], "prefill_s": prefill[p],
+                                "decode_weight_bytes": weights, "limit_ms_per_token": limit_ms,
+                                "share_of_limit": limit_ms / decode[p]}
+    return out
+
+
+def precision_table(r: dict) -> str:
+    rows = [f"per precision (no exit): read bandwidth {r['read_bandwidth_gb_s']:.1f} GB/s (numpy sum of 512 MiB), "
+            f"KV cache {r['kv_cache_bytes'] / 2**20:.1f} MiB"]
+    base = r["precisions"].get("fp32")
+    for p, v in r["precisions"].items():
+        vs = f"  {base['decode_ms_per_token'] / v['decode_ms_per_token']:.2f}x fp32 decode" if base else ""
+        rows.append(f"  {p:<5} decode {v['decode_ms_per_token']:6.1f} ms/token  limit {v['limit_ms_per_token']:6.1f} ms "
+                    f"({v['decode_weight_bytes'] / 2**20:.0f} MiB weights)  reached {v['share_of_limit']:.0%}  "
+                    f"prefill {v['prefill_s']:.3f} s{vs}")
+    return "\n".join(rows)
+
+
 def run(args) -> int:
-    r = run_bench(args.preset, args.exit_layer, args.repeats, args.decode_tokens, args.precision, args.workdir)
-    print(table(r))
+    precisions = [] if args.precisions == "none" else [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for p in precisions:
+        get_precision(p)
+    if args.precisions_only:
+        from engines.backends.torch_backend import TorchBackend
+        from engines.orchestrator import Runtime
+        from exporter.models.llava import Llava
+
+        torch.manual_seed(0)
+        model = Llava().preset(seed=0, name=args.preset)
+        prompt = _prompt(Runtime(TorchBackend(model), model.processor), TEXT_TOKENS)
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            r = {"machine": _machine(), "per_precision": run_precisions(
+                model, prompt, Path(tmp), precisions, args.repeats, args.decode_tokens)}
+        print(precision_table(r["per_precision"]))
+    else:
+        r = run_bench(args.preset, args.exit_layer, args.repeats, args.decode_tokens, args.precision, args.workdir)
+        print(table(r))
+        if precisions:
+            from exporter.models.llava import Llava
+            from engines.backends.torch_backend import TorchBackend
+            from engines.orchestrator import Runtime
+
+            torch.manual_seed(0)
+            model = Llava().preset(seed=0, name=args.preset)
+            prompt = _prompt(Runtime(TorchBackend(model), model.processor), TEXT_TOKENS)
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                r["per_precision"] = run_precisions(model, prompt, Path(tmp), precisions, args.repeats,
+                                                    args.decode_tokens)
+            print(precision_table(r["per_precision"]))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     return 0

@@ -10,6 +10,8 @@ model as a PyTorch reference on a machine with the memory for it.
 from __future__ import annotations
 
 import json
+import resource
+import shutil
 import sys
 import time
 import zlib
@@ -18,13 +20,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engines.core.errors import DyVTEError
+
 SHAPES = {"llava-7b": ("llava", "llava-1.5-7b"), "tiny": ("llava", "tiny")}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
+# family -> preset of the published shape, and the same proportions at 1/4 width
+CHECKPOINT_SHAPES = {
+    "llava": {"7b": "llava-1.5-7b", "small": "llava-small"},
+    "internvl": {"7b": "internvl-8b", "small": "internvl-small"},
+    "eagle": {"7b": "eagle-x5-7b", "small": "eagle-small"},
+    "vila": {"7b": "vila1.5-7b", "small": "vila-small"},
+}
+SHARD_BYTES = 2**30
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--shape", default="llava-7b", choices=sorted(SHAPES))
-    parser.add_argument("--output", default="exports/llava-7b-random", help="package directory")
+    parser.add_argument("--family", choices=sorted(CHECKPOINT_SHAPES),
+                        help="write a random checkpoint of this family's published shape and layout, export it "
+                             "streamed with validation (default mode: llava)")
+    parser.add_argument("--size", default="7b", choices=("7b", "small"), help="with --family: the shape")
+    parser.add_argument("--workdir", help="with --family: folder for the checkpoint and package "
+                        "(default /tmp/export-bench-FAMILY; deleted afterwards unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="with --family: keep the checkpoint and package")
+    parser.add_argument("--samples", type=int, default=1, help="with --family: validation samples")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="no checkpoint: a meta-device model of this shape")
+    parser.add_argument("--output", default="exports/llava-7b-random", help="with --shape: package directory")
     parser.add_argument("--precision", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--exit-window", help="START:END (default: every layer)")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -103,9 +125,169 @@ def export_random(shape: str = "llava-7b", output: str | Path = "exports/llava-7
     return export_onnx(model, output, precision, plan, materialize=random_weights(seed), source=source)
 
 
+# ----------------------------------------------------------------------------- random checkpoints
+
+
+def _write_layout(family: str, preset: str, folder: Path, precision: str, seed: int = 0) -> dict:
+    """The random checkpoint, written in the family's published layout; runs in a child process (its
+    memory is the writing's, not the export's). Returns the weight bytes written."""
+    from safetensors.torch import save_file
+
+    from exporter.models import get_family
+
+    torch.set_num_threads(1)
+    dtype = DTYPES[precision]
+    with torch.device("meta"):
+        model = get_family(family).preset(seed=seed, name=preset)
+    parts = model.native
+    parts.save_files(folder)
+    total = 0
+    pool = _pool(dtype, seed)
+    for sub, tensors in parts.published_weights().items():
+        target = folder / sub if sub else folder
+        target.mkdir(parents=True, exist_ok=True)
+        shards, size = [[]], 0
+        for key, meta in tensors.items():
+            nbytes = meta.numel() * dtype.itemsize
+            if shards[-1] and size + nbytes > SHARD_BYTES:
+                shards.append([])
+                size = 0
+            shards[-1].append(key)
+            size += nbytes
+        weight_map = {}
+        for i, keys in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            data = {k: _window(pool, k, tensors[k].shape) for k in keys}
+            save_file(data, str(target / name), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in data.values())
+            weight_map.update({k: name for k in keys})
+            del data
+        (target / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(tensors[k].numel() * dtype.itemsize for k in tensors)},
+             "weight_map": weight_map}, indent=2))
+    return total
+
+
+POOL_ELEMENTS = 2**28  # the checkpoint writer's random values: one pool, each tensor a window of it
+
+
+def _pool(dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(POOL_ELEMENTS, generator=generator) * 0.02).to(dtype)
+
+
+def _window(pool: torch.Tensor, key: str, shape) -> torch.Tensor:
+    """Values for checkpoint tensor `key`: norms 1, biases 0, others a window of the pool at an offset
+    given by the key (distinct tensors stay distinct, so nothing is stored once by accident)."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape, dtype=pool.dtype)
+    if "norm" in key and leaf == "weight":
+        return torch.ones(shape, dtype=pool.dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    start = zlib.crc32(key.encode()) % (POOL_ELEMENTS - min(n, POOL_ELEMENTS - 1))
+    if n <= POOL_ELEMENTS - start:
+        return pool[start:start + n].reshape(shape).clone()
+    return pool.roll(-start).repeat(-(-n // POOL_ELEMENTS))[:n].reshape(shape)
+
+
+def _child(queue, *args):
+    try:
+        queue.put(("ok", _write_layout(*args)))
+    except BaseException as exc:  # reported to the parent
+        queue.put(("error", repr(exc)))
+
+
+def write_checkpoint(family: str, size: str, folder: Path, precision: str = "fp16") -> int:
+    """Write the random checkpoint in a spawned child process; returns its weight bytes."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(queue, family, CHECKPOINT_SHAPES[family][size], folder, precision))
+    child.start()
+    status, value = queue.get()
+    child.join()
+    if status != "ok":
+        raise RuntimeError(f"writing the checkpoint failed: {value}")
+    return value
+
+
+def _peak_rss_gib(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 2**20  # kB on Linux
+
+
+def run_family(args) -> int:
+    """Write, load lazily, export streamed, validate on memory-mapped weights; print the figures."""
+    from engines.core.manifest import Manifest
+    from exporter.models import load_model
+    from exporter.package import export_onnx
+    from exporter.plan import SplitPlan
+    from exporter.streaming import checkpoint_folders, choose_streaming, stream_weights
+    from validation.parity import validate_package
+
+    work = Path(args.workdir or f"/tmp/export-bench-{args.family}")
+    checkpoint, output = work / "checkpoint", work / "package"
+    shutil.rmtree(work, ignore_errors=True)
+    stages = {}
+    try:
+        start = time.perf_counter()
+        weights = write_checkpoint(args.family, args.size, checkpoint, args.precision)
+        stages["write"] = time.perf_counter() - start
+        stream, why = choose_streaming(checkpoint_folders(checkpoint), True)
+        start = time.perf_counter()
+        model = load_model(args.family, checkpoint, lazy=stream, dtype=DTYPES[args.precision])
+        stages["load"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plan = SplitPlan.parse(args.exit_window, model.shape.num_layers)
+        source = {"family": args.family, "checkpoint": str(checkpoint), "routers": None}
+        package = export_onnx(model, output, args.precision, plan, progress=False, source=source,
+                              materialize=stream_weights)
+        stages["export"] = time.perf_counter() - start
+        export_rss = _peak_rss_gib()
+        print(f"exported in {stages['export']:.0f} s (write {stages['write']:.0f} s, load {stages['load']:.1f} s), "
+              f"peak RSS so far {export_rss:.2f} GiB; validating", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        report = validate_package(package, model=model, count=args.samples, max_new_tokens=2, speed_repeats=0,
+                                  backends=("onnxruntime",), progress=False)
+        stages["validate"] = time.perf_counter() - start
+        manifest = Manifest.load(package, verify=False)
+        figures = {
+            "family": args.family, "shape": CHECKPOINT_SHAPES[args.family][args.size], "precision": args.precision,
+            "checkpoint_gib": weights / 2**30,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "peak_rss_gib": _peak_rss_gib(), "peak_rss_export_gib": export_rss,
+            "peak_rss_write_gib": _peak_rss_gib(resource.RUSAGE_CHILDREN),
+            "package_gib": manifest.package_bytes / 2**30,
+            "weights_gib": manifest.weights.parameter_bytes / 2**30,
+            "parity_passed": report.passed, "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"export-bench {figures['shape']} ({args.precision}, {figures['parameters'] / 1e9:.2f}B parameters, "
+          f"checkpoint {figures['checkpoint_gib']:.2f} GiB; streaming: {why})\n"
+          f"  peak RSS {figures['peak_rss_gib']:.2f} GiB for export + validation "
+          f"(export alone {export_rss:.2f} GiB; writing the checkpoint, a child, {figures['peak_rss_write_gib']:.2f} GiB)\n"
+          f"  package {figures['package_gib']:.2f} GiB for {figures['weights_gib']:.2f} GiB of weights "
+          f"({figures['package_gib'] / figures['weights_gib']:.4f}x); parity {'PASSED' if report.passed else 'FAILED'}\n"
+          f"  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0 if report.passed else 1
+
+
 def run(args) -> int:
     from engines.core.manifest import Manifest
 
+    if args.shape is None:
+        args.family = args.family or "llava"
+    if args.family is not None:
+        if args.shape is not None:
+            raise DyVTEError("give --family (a random checkpoint) or --shape (no checkpoint), not both")
+        return run_family(args)
     start = time.perf_counter()
     package = export_random(args.shape, args.output, args.precision, args.exit_window)
     manifest = Manifest.load(package, verify=False)

@@ -26,6 +26,14 @@ DEFAULT_THRESHOLDS = {
              "token_agreement": 1.0, "exit_layer_agreement": 1.0},
     "fp16": {"logits_max_abs": 0.25, "stage_max_rel": 2e-2, "min_cosine": 0.999, "near_tie": 5e-2,
              "token_agreement": 0.9, "exit_layer_agreement": 1.0},
+    # weight-only quantized packages are judged by what quantization may change: greedy tokens and
+    # exit layers against the fp32 reference (answer accuracy: `python -m validation accuracy
+    # --precision`); logits and stages only catch gross breakage (measured on the built-in VILA:
+    # see README "Quantized packages")
+    "int8": {"logits_max_abs": 0.5, "stage_max_rel": 0.1, "min_cosine": 0.995, "near_tie": 0.1,
+             "token_agreement": 0.9, "exit_layer_agreement": 1.0},
+    "int4": {"logits_max_abs": 3.0, "stage_max_rel": 0.3, "min_cosine": 0.7, "near_tie": 0.5,
+             "token_agreement": 0.75, "exit_layer_agreement": 1.0},
 }
 
 

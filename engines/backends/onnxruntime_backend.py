@@ -3,6 +3,13 @@
 Inputs are bound straight from the orchestrator's torch tensors and outputs are written into
 torch tensors allocated on the same device, so hidden states and KV caches never leave the device
 they live on (CPU here; CUDA with the CUDA/TensorRT execution providers).
+
+Memory (issue 10): every graph's weights are OrtValues over one read-only memory map of the
+package's `weights.bin` (on CUDA: one device copy), handed to each session with
+`SessionOptions.add_external_initializers`, so the segment sessions and the fused decode graph
+share one copy; the decode graph does not prepack (prepacking makes a private copy per session),
+and every run asks ONNX Runtime to shrink its arena afterwards, so a session's arena does not stay
+at the high-water mark of the largest batch it ever ran.
 """
 
 from __future__ import annotations
@@ -24,9 +31,65 @@ PROVIDER_ALIASES = {
 }
 
 
+class SharedWeights:
+    """One OrtValue per stored tensor of the package's external data, over one memory map per file
+    (CPU: no copy; CUDA: one device copy), shared by every session that names it."""
+
+    def __init__(self, folder: Path, device: str):
+        self.folder = folder
+        self.device = device
+        self._maps: dict[str, np.memmap] = {}
+        self._values: dict[tuple, object] = {}
+        self._keep: list = []  # the arrays the CPU OrtValues point into
+
+    def _map(self, location: str) -> np.memmap:
+        if location not in self._maps:
+            path = (self.folder / location).resolve()
+            if self.folder.resolve() not in path.parents:
+                raise DyVTEError(f"graph external data {location!r} lies outside the package")
+            self._maps[location] = np.memmap(path, mode="r", dtype=np.uint8)
+        return self._maps[location]
+
+    def initializers(self, graph_path: Path) -> tuple[list[str], list]:
+        """Names and OrtValues of the externally stored initializers of one graph file."""
+        import onnx
+        import onnxruntime as ort
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        model = onnx.load(str(graph_path), load_external_data=False)
+        names, values = [], []
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            dtype = tensor_dtype_to_np_dtype(tensor.data_type)
+            key = (info["location"], offset, length, dtype.str, tuple(tensor.dims))
+            if key not in self._values:
+                raw = self._map(info["location"])[offset:offset + length]
+                array = raw.view(dtype).reshape(tuple(tensor.dims))
+                if self.device == "cpu":
+                    self._keep.append(array)
+                    self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                else:
+                    self._values[key] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+            names.append(tensor.name)
+            values.append(self._values[key])
+        return names, values
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k[2] for k in self._values)
+
+
 class OnnxRuntimeBackend(PackageBackend):
     def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 spin: bool = False):
+                 spin: bool = False, share_weights: bool = True, prepack: str = "prefill",
+                 shrink_arena: bool = True):
+        """`share_weights`: sessions use one memory map (CUDA: one device copy) of the weights;
+        `prepack`: which sessions let ONNX Runtime prepack their weights (a private copy each):
+        "prefill" (all but the fused decode graph, whose weights are the segments'), "all", "none";
+        `shrink_arena`: every run returns its arena's free chunks afterwards."""
         import onnxruntime as ort
 
         super().__init__(package, manifest)
@@ -41,21 +104,36 @@ class OnnxRuntimeBackend(PackageBackend):
             )
         self.device = torch.device("cuda" if device != "cpu" else "cpu")
         self._ort_device = "cuda" if device != "cpu" else "cpu"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        # Every graph has its own session and thread pool; threads left spinning after one graph's
-        # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if prepack not in ("prefill", "all", "none"):
+            raise DyVTEError(f"unknown prepack setting {prepack!r}; choose prefill, all or none")
+        self.weights = SharedWeights(self.package / "graphs", self._ort_device) if share_weights else None
         self.sessions = {}
         for graph in manifest.graphs:
             path = self.graph_path(graph)
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            if threads:
+                options.intra_op_num_threads = threads
+            # Every graph has its own session and thread pool; threads left spinning after one graph's
+            # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            if prepack == "none" or (prepack == "prefill" and graph.name == "decode"):
+                options.add_session_config_entry("session.disable_prepacking", "1")
             try:
+                if self.weights is not None:
+                    names, values = self.weights.initializers(path)
+                    if names:
+                        options.add_external_initializers(names, values)
                 self.sessions[graph.name] = ort.InferenceSession(str(path), options, providers=providers)
+            except DyVTEError:
+                raise
             except Exception as exc:
                 raise DyVTEError(f"onnxruntime cannot load {graph.file}: {str(exc).splitlines()[0]}") from exc
+        self.run_options = ort.RunOptions()
+        if shrink_arena:
+            arenas = "cpu:0" if device == "cpu" else "cpu:0;gpu:0"
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         # one run per generated token instead of one per graph
         self.fused_decode = manifest.has_graph("decode")
         self.providers = providers
@@ -77,7 +155,7 @@ class OnnxRuntimeBackend(PackageBackend):
             out = torch.empty(shape, dtype=dtype, device=self.device)
             results.append(out)
             binding.bind_output(key, self._ort_device, 0, NUMPY_DTYPES[dtype], list(shape), out.data_ptr())
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self.run_options)
         return results
 
     # ------------------------------------------------------------------ Backend protocol

@@ -8,6 +8,12 @@ from engines.backends.base import SegmentDecoding
 from engines.core.dyvte import router_features
 
 
+def _device(param: torch.Tensor) -> torch.device:
+    """Where a model computes: a parameter's device, the CPU for one left on disk (meta, read while
+    its module runs)."""
+    return torch.device("cpu") if param.is_meta else param.device
+
+
 class TorchBackend(SegmentDecoding):
     """`model`: any object with the adapters' decomposition (`vision`, `decoder`, `routers`,
     `shape`), e.g. an `exporter.models.base.MultimodalModel`."""
@@ -20,11 +26,11 @@ class TorchBackend(SegmentDecoding):
         ends = {end - 1 for _, end in self.segments if end < num_layers}
         self.router_layers = frozenset(ends) if model.routers is not None else frozenset()
         param = next(model.decoder.parameters())
-        self.dtype, self.device = param.dtype, param.device
+        self.dtype, self.device = param.dtype, _device(param)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         param = next(self.model.vision.parameters())
-        return self.model.vision(pixel_values.to(param.device, param.dtype))
+        return self.model.vision(pixel_values.to(_device(param), param.dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.decoder.embed_tokens(input_ids)

@@ -141,6 +141,27 @@ class Weights:
     parameter_bytes: int  # the model's unique parameters at the package precision
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantization of an int8/int4 package (exporter/quantize.py)."""
+
+    bits: int  # 8 or 4
+    block_size: int  # weights per scale, along K
+    symmetric: bool  # no zero points
+    format: str  # "QDQ" (blocked DequantizeLinear -> MatMul, standard ONNX) or "MatMulNBits" (com.microsoft)
+    graphs: tuple[str, ...]  # the graphs whose weight MatMuls are quantized
+    quantizer: str = ""
+    quantizer_version: str = ""
+    tensorrt: bool = False  # the quantized graphs are standard ONNX TensorRT parses
+
+    FORMATS = ("QDQ", "MatMulNBits")
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric, "format": self.format,
+                "graphs": list(self.graphs), "quantizer": self.quantizer,
+                "quantizer_version": self.quantizer_version, "tensorrt": self.tensorrt}
+
+
 @dataclass
 class ExportInfo:
     seconds: float = 0.0
@@ -320,7 +341,7 @@ class Manifest:
     processor: dict = field(default_factory=lambda: {"tokenizer": "processor/tokenizer",
                                                      "image_processor": "processor/image_processor"})
     source: dict = field(default_factory=dict)
-    quantization: dict | None = None  # int8/int4 packages: bits, block size, graphs quantized
+    quantization: Quantization | None = None  # int8/int4 packages: bits, block size, graphs quantized
     tensorrt: TensorRTSection = field(default_factory=TensorRTSection)
     versions: dict = field(default_factory=dict)
     export: ExportInfo = field(default_factory=ExportInfo)
@@ -375,7 +396,7 @@ class Manifest:
             "split": self.split.to_dict(), "graphs": [g.to_dict() for g in self.graphs],
             "weights": asdict(self.weights), "prompt": dict(self.prompt), "names": asdict(self.names),
             "special_tokens": dict(self.special_tokens), "processor": dict(self.processor),
-            "source": dict(self.source), "quantization": self.quantization, "tensorrt": self.tensorrt.to_dict(),
+            "source": dict(self.source), "quantization": self.quantization.to_dict() if self.quantization else None, "tensorrt": self.tensorrt.to_dict(),
             "versions": dict(self.versions), "export": asdict(self.export), **self.extra,
             "files": {k: {"sha256": v.sha256, "bytes": v.bytes} for k, v in sorted(self.files.items())},
         }
@@ -633,7 +654,7 @@ def _parse(data: Any, where: str) -> Manifest:
         processor=r.get("processor", dict, "an object", optional=True,
                         default={"tokenizer": "processor/tokenizer", "image_processor": "processor/image_processor"}),
         source=r.get("source", dict, "an object", optional=True, default={}),
-        quantization=r.get("quantization", dict, "an object", optional=True),
+        quantization=_parse_quantization(r.obj("quantization", optional=True)),
         tensorrt=_parse_tensorrt(r.obj("tensorrt", optional=True)),
         versions=r.get("versions", dict, "an object", optional=True, default={}),
         export=export,
@@ -642,6 +663,21 @@ def _parse(data: Any, where: str) -> Manifest:
     )
     _check_consistency(manifest, where)
     return manifest
+
+
+def _parse_quantization(q: "_Reader | None") -> Quantization | None:
+    if q is None:
+        return None
+    fmt = q.str("format")
+    if fmt not in Quantization.FORMATS:
+        raise q.fail("format", f"one of {', '.join(Quantization.FORMATS)}")
+    graphs = q.get("graphs", list, "a list of graph names")
+    if not all(isinstance(g, str) for g in graphs):
+        raise q.fail("graphs", "a list of graph names")
+    return Quantization(q.int("bits", 1), q.int("block_size", 1), q.get("symmetric", bool, "true or false"), fmt,
+                        tuple(graphs), q.str("quantizer", optional=True, default=""),
+                        q.str("quantizer_version", optional=True, default=""),
+                        q.get("tensorrt", bool, "true or false", optional=True, default=False))
 
 
 def _parse_split(s: _Reader, num_layers: int) -> Split:
@@ -704,6 +740,15 @@ def _check_consistency(m: Manifest, where: str) -> None:
             raise fail(f"the {g.role} graph must be named {g.role!r}, not {g.name!r}")
         if (g.role == "decoder") != (g.layers is not None):
             raise fail(f"graph {g.name}: layers must be given for decoder graphs only")
+    q = m.quantization
+    if m.precision.quantized != (q is not None):
+        raise fail(f"a {m.precision.name} package {'needs' if q is None else 'has no use for'} a quantization section")
+    if q is not None:
+        if q.bits != m.precision.weight_bits:
+            raise fail(f"quantization.bits is {q.bits}, the {m.precision.name} package needs {m.precision.weight_bits}")
+        unknown = sorted(set(q.graphs) - set(names))
+        if unknown:
+            raise fail(f"quantization names graphs the package lacks: {', '.join(unknown)}")
     segs = m.segment_graphs
     if tuple(g.layers for g in segs) != m.split.segments:
         raise fail(f"decoder graphs cover layers {[g.layers for g in segs]}, the split {list(m.split.segments)}")

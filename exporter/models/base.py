@@ -70,7 +70,7 @@ class MultimodalModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual embeddings of one image's tiles, flattened to [V, hidden]."""
         param = next(self.vision.parameters())
-        feats = self.vision(pixel_values.to(param.device, param.dtype))
+        feats = self.vision(pixel_values.to("cpu" if param.is_meta else param.device, param.dtype))
         return feats.reshape(-1, feats.shape[-1])
 
 

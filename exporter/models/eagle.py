@@ -367,9 +367,19 @@ class EagleParts:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.state_dict(routers), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return self.save_files(folder)
+
+    def save_files(self, folder: Path) -> Path:
+        """Everything of the layout but the weights: config, tokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.root_config, indent=2))
         self.tokenizer.save_pretrained(folder)
         return folder
+
+    def published_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Sub-folder -> {key in the published layout: tensor} (meta tensors allowed)."""
+        return {"": self.state_dict()}
 
 
 def _assemble(parts: EagleParts, template_name: str, source: dict) -> MultimodalModel:
@@ -409,6 +419,30 @@ PRESETS = {
         convnext=dict(patch_size=4, hidden_sizes=[16, 24, 32, 48], depths=[1, 1, 2, 1]),
         llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6),
+        projector="mlp2x_gelu",
+    ),
+    # Eagle-X5-7B-like for export-bench (built on the meta device): the supported two experts, CLIP
+    # ViT-L/14 at 336 px and ConvNeXt-XXLarge at 1024 px, 32x32 = 1024 visual tokens, Vicuna-7B.
+    "eagle-x5-7b": dict(
+        experts="clip-448;convnext-1024",
+        input_size=1024,
+        grid=32,
+        clip=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14),
+        convnext=dict(patch_size=4, hidden_sizes=[384, 768, 1536, 3072], depths=[3, 4, 30, 3]),
+        llm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000),
+        projector="mlp2x_gelu",
+    ),
+    "eagle-small": dict(
+        experts="clip-448;convnext-1024",
+        input_size=1024,
+        grid=32,
+        clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=336, patch_size=14),
+        convnext=dict(patch_size=4, hidden_sizes=[48, 96, 192, 384], depths=[1, 1, 3, 1]),
+        llm=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000),
         projector="mlp2x_gelu",
     ),
 }
@@ -470,7 +504,10 @@ class Eagle(Family):
         model.attach_routers(seeded_routers(llm_cfg.num_hidden_layers, llm_cfg.hidden_size, seed))
         return model
 
-    def load(self, checkpoint: Path, template: str = "vicuna_v1", dtype=torch.float32, **_) -> MultimodalModel:
+    def load(self, checkpoint: Path, template: str = "vicuna_v1", dtype=torch.float32, lazy: bool = False,
+             **_) -> MultimodalModel:
+        """`lazy`: the weights stay on disk (meta tensors tagged with their files and Eagle's keys, see
+        `exporter.streaming`); experts under `EAGER_TOWER_BYTES` and the projector are read at once."""
         checkpoint = require_dir(Path(checkpoint), "Eagle checkpoint")
         root = read_json(checkpoint / "config.json")
         if root.get("model_type") != "eagle_llama" and "EagleLlamaForCausalLM" not in (root.get("architectures") or []):
@@ -482,27 +519,45 @@ class Eagle(Family):
         weight_files(checkpoint)  # a clear error when there are no .safetensors files
         ext = root.get(EXTENSION_KEY) or {}
         input_size = int(ext.get("input_image_size", EAGLE_INPUT_SIZE))
+        if lazy:
+            from exporter.streaming import checkpoint_index
+
+            index = checkpoint_index(checkpoint)
 
         experts = []
         for i, name in enumerate(names):
             prefix = tower_prefix(i)
-            tensors = load_safetensors(checkpoint, prefix)
+            if lazy:  # shapes from the headers: the configs below read nothing else
+                tensors = {k[len(prefix):]: torch.empty(v.shape, device="meta")
+                           for k, v in index.items() if k.startswith(prefix)}
+            else:
+                tensors = load_safetensors(checkpoint, prefix)
             if not tensors:
                 raise DyVTEError(f"Eagle checkpoint {checkpoint} has no weights for expert {i} ({name}) "
                                  f"under {prefix}")
             if name == "clip-448":
-                module = CLIPVisionModel(clip_config_from(tensors, prefix))
-                if EXTENSION_KEY not in root and module.config.image_size != EAGLE_CLIP_SIZE:
+                config = clip_config_from(tensors, prefix)
+                if EXTENSION_KEY not in root and config.image_size != EAGLE_CLIP_SIZE:
                     raise DyVTEError(
-                        f"the clip-448 expert's position table is for {module.config.image_size} px; Eagle runs "
+                        f"the clip-448 expert's position table is for {config.image_size} px; Eagle runs "
                         f"it at {EAGLE_CLIP_SIZE} px with a resampled table, which is not supported"
                     )
-                load_expert(module, name, tensors, prefix)
-                experts.append(ClipExpert(module.to(dtype).eval()))
+                build = lambda config=config: CLIPVisionModel(config)  # noqa: E731
             else:
-                module = set_convnext_eps(ConvNextModel(convnext_config_from(tensors, prefix)))
+                config = convnext_config_from(tensors, prefix)
+                build = lambda config=config: set_convnext_eps(ConvNextModel(config))  # noqa: E731
+            if lazy:
+                from exporter.streaming import empty_model, make_real, tag_parameters
+
+                module = empty_model(build).to(dtype)
+                tag_parameters(module, index, lambda n, name=name, prefix=prefix: prefix + expert_key(name, n),
+                               f"Eagle {name} expert", checkpoint, dtype, _OPTIONAL.get(name, ()))
+                module = make_real(module).eval()
+            else:
+                module = build()
                 load_expert(module, name, tensors, prefix)
-                experts.append(ConvNextExpert(module.to(dtype).eval(), input_size))
+                module = module.to(dtype).eval()
+            experts.append(ClipExpert(module) if name == "clip-448" else ConvNextExpert(module, input_size))
             del tensors
         mm_hidden = sum(e.hidden_size for e in experts)
         if root.get("mm_hidden_size") not in (None, mm_hidden):
@@ -510,18 +565,24 @@ class Eagle(Family):
                              f"to {mm_hidden}")
 
         llm_cfg = _llama_config(root)
-        with torch.device("meta"):
-            llm = LlamaForCausalLM(llm_cfg)
-        llm = llm.to_empty(device="cpu")
-        llm.model.rotary_emb = type(llm.model.rotary_emb)(config=llm_cfg)  # recompute its buffers
-        state = {}
-        for prefix in ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."):
-            state.update({prefix + k: v for k, v in load_safetensors(checkpoint, prefix).items()})
-        if llm_cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        load_into(llm, state, f"Eagle language model in {checkpoint}")
-        del state
-        llm = llm.to(dtype).eval()
+        if lazy:
+            from exporter.streaming import lazy_pretrained
+
+            llm = lazy_pretrained(LlamaForCausalLM, checkpoint, "Eagle language model", dtype, config=llm_cfg,
+                                  index=index)
+        else:
+            with torch.device("meta"):
+                llm = LlamaForCausalLM(llm_cfg)
+            llm = llm.to_empty(device="cpu")
+            llm.model.rotary_emb = type(llm.model.rotary_emb)(config=llm_cfg)  # recompute its buffers
+            state = {}
+            for prefix in ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."):
+                state.update({prefix + k: v for k, v in load_safetensors(checkpoint, prefix).items()})
+            if llm_cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+                state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            load_into(llm, state, f"Eagle language model in {checkpoint}")
+            del state
+            llm = llm.to(dtype).eval()
 
         projector = VilaProjector(root.get("mm_projector_type", "linear"), mm_hidden, llm_cfg.hidden_size)
         proj = load_safetensors(checkpoint, "model.mm_projector.")

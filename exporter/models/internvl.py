@@ -138,6 +138,28 @@ PRESETS = {
         vision_feature_layer=-1,
         max_patches=4,
     ),
+    # InternVL3-8B's shapes (InternViT-300M at 448 px, 256 tokens a tile, Qwen2.5-7B) for export-bench,
+    # built on the meta device; one tile an image (the published processor allows 12) keeps validation short.
+    "internvl-8b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=448, patch_size=14),
+        text_model_type="qwen2",
+        llm=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, vocab_size=151674),
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        max_patches=1,
+    ),
+    "internvl-small": dict(
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=448, patch_size=14),
+        text_model_type="qwen2",
+        llm=dict(hidden_size=896, intermediate_size=4736, num_hidden_layers=7, num_attention_heads=7,
+                 num_key_value_heads=1, max_position_embeddings=32768, rms_norm_eps=1e-6, vocab_size=151674),
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        max_patches=1,
+    ),
     "tiny-llama": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                     image_size=56, patch_size=7),
@@ -178,6 +200,21 @@ class InternVLParts:
         """The published `-hf` layout: weights, tokenizer, image processor, processor config, template."""
         folder = Path(folder)
         self.hf.save_pretrained(folder)
+        return self._save_processing(folder)
+
+    def save_files(self, folder: Path) -> Path:
+        """Everything of the layout but the weights: config, tokenizer, processor files."""
+        self.hf.config.save_pretrained(folder)
+        return self._save_processing(Path(folder))
+
+    def published_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Sub-folder -> {key in the published layout: tensor} (meta tensors allowed)."""
+        from exporter.streaming import published_names
+
+        state = self.hf.state_dict()
+        return {"": {published_names(self.hf, state)[k]: v for k, v in state.items()}}
+
+    def _save_processing(self, folder: Path) -> Path:
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
         processor_config = {"processor_class": "InternVLProcessor"}
@@ -303,7 +340,10 @@ class InternVL(Family):
         model.attach_routers(seeded_routers(text_config.num_hidden_layers, text_config.hidden_size, seed))
         return model
 
-    def load(self, checkpoint: Path, dtype=torch.float32, chat_template: str | None = None, **_) -> MultimodalModel:
+    def load(self, checkpoint: Path, dtype=torch.float32, chat_template: str | None = None, lazy: bool = False,
+             **_) -> MultimodalModel:
+        """`lazy`: the weights stay on disk (see `exporter.streaming`); vision parts under
+        `EAGER_TOWER_BYTES` are read at once."""
         checkpoint = require_dir(Path(checkpoint), "InternVL checkpoint")
         root = read_json(checkpoint / "config.json")
         model_type = root.get("model_type")
@@ -322,7 +362,14 @@ class InternVL(Family):
             raise DyVTEError(
                 f"unsupported InternVL language model {text_type!r}; supported: {', '.join(SUPPORTED_TEXT_MODEL_TYPES)}"
             )
-        hf = hf_from_pretrained(InternVLForConditionalGeneration, checkpoint, "InternVL model", dtype)
+        if lazy:
+            from exporter.streaming import lazy_pretrained, make_real
+
+            hf = lazy_pretrained(InternVLForConditionalGeneration, checkpoint, "InternVL model", dtype)
+            make_real(hf.model.vision_tower)
+            make_real(hf.model.multi_modal_projector)
+        else:
+            hf = hf_from_pretrained(InternVLForConditionalGeneration, checkpoint, "InternVL model", dtype)
         tokenizer = wrap_load_errors(
             f"tokenizer from {checkpoint}", AutoTokenizer.from_pretrained, str(checkpoint), local_files_only=True
         )

@@ -91,6 +91,17 @@ PRESETS = {
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     ),
+    # LLaVA-1.5's proportions at 1/4 of the width (export-bench on a machine without time for 7B): 576
+    # visual tokens, Vicuna's vocabulary.
+    "llava-small": dict(
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=336, patch_size=14, projection_dim=256),
+        llm=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    ),
     # The benchmark shape of shared/design/ecosystem.md: a LLaVA-1.5-shaped decoder (hidden 1024, 12
     # layers) behind a cheap CLIP that still yields 576 visual tokens (336 px, patch 14).
     "bench": dict(
@@ -197,11 +208,21 @@ def _file_tensor(folder: Path, keys: tuple[str, ...]) -> torch.Tensor | None:
     return None
 
 
-def _keep_file_lm_head(lm_head: nn.Module, embed: nn.Module, folder: Path, keys: tuple[str, ...]) -> None:
+def _keep_file_lm_head(lm_head: nn.Module, embed: nn.Module, folder: Path, keys: tuple[str, ...],
+                       index=None) -> None:
     """The published LLaVA checkpoints tie nothing, but a config may say `tie_word_embeddings: true`
     while the file holds its own `lm_head`. transformers 5.24 then keeps the file's head (with a warning);
     a version that ties anyway would silently drop it. If the head came out tied and the file's differs,
-    use the file's."""
+    use the file's. A lazy model (`index`: the checkpoint's headers) takes the file's head unread."""
+    if index is not None:
+        from exporter.streaming import tag_parameters
+
+        key = next((k for k in keys if k in index), None)
+        if lm_head.weight is embed.weight and key is not None:
+            w = embed.weight
+            lm_head.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+            tag_parameters(lm_head, index, lambda _: key, "LLaVA lm_head", folder, w.dtype)
+        return
     if lm_head.weight.data_ptr() != embed.weight.data_ptr():
         return
     stored = _file_tensor(folder, keys)
@@ -251,6 +272,20 @@ class LlavaParts:
             data = json.loads(index.read_text())
             data["weight_map"] = {published_key(k): v for k, v in data["weight_map"].items()}
             index.write_text(json.dumps(data, indent=2))
+        return self._save_processing(folder)
+
+    def save_files(self, folder: Path) -> Path:
+        """Everything of the HF layout but the weights: config, tokenizer, processor files, template."""
+        if self.hf is None:
+            raise DyVTEError("only a model built as LlavaForConditionalGeneration can be saved in the HF layout")
+        self.hf.config.save_pretrained(folder)
+        return self._save_processing(Path(folder))
+
+    def published_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Sub-folder -> {key in the published `-hf` layout: tensor} (meta tensors allowed)."""
+        return {"": {published_key(k): v for k, v in self.hf.state_dict().items()}}
+
+    def _save_processing(self, folder: Path) -> Path:
         cfg = self.hf.config
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
@@ -372,7 +407,9 @@ class Llava(Family):
     # ------------------------------------------------------------------ load
 
     def load(self, checkpoint: Path, vision_tower: str | Path | None = None, template: str | None = None,
-             dtype=torch.float32, **_) -> MultimodalModel:
+             dtype=torch.float32, lazy: bool = False, **_) -> MultimodalModel:
+        """`lazy`: the weights stay on disk (meta tensors tagged with their files and keys, see
+        `exporter.streaming`); vision parts under `EAGER_TOWER_BYTES` are read at once."""
         checkpoint = require_dir(Path(checkpoint), "LLaVA checkpoint")
         root = read_json(checkpoint / "config.json")
         if (checkpoint / "llm").is_dir() or "llm_cfg" in root:
@@ -384,9 +421,9 @@ class Llava(Family):
                     "--vision-tower and --template apply to the original LLaVA layout; this Hugging Face "
                     "checkpoint holds its vision tower and brings its own chat template"
                 )
-            model = self._load_hf(checkpoint, dtype)
+            model = self._load_hf(checkpoint, dtype, lazy)
         elif model_type in ORIGINAL_MODEL_TYPES:
-            model = self._load_original(checkpoint, root, vision_tower, template, dtype)
+            model = self._load_original(checkpoint, root, vision_tower, template, dtype, lazy)
         else:
             raise DyVTEError(
                 f"{checkpoint} is not a LLaVA-1.5 checkpoint (model_type {model_type!r}; expected 'llava' for "
@@ -397,10 +434,19 @@ class Llava(Family):
             model.attach_routers(load_routers(checkpoint, s.num_layers, s.hidden_size))
         return model
 
-    def _load_hf(self, checkpoint: Path, dtype) -> MultimodalModel:
-        hf = hf_from_pretrained(LlavaForConditionalGeneration, checkpoint, "LLaVA model", dtype)
+    def _load_hf(self, checkpoint: Path, dtype, lazy: bool = False) -> MultimodalModel:
+        index = None
+        if lazy:
+            from exporter.streaming import checkpoint_index, lazy_pretrained, make_real
+
+            index = checkpoint_index(checkpoint)
+            hf = lazy_pretrained(LlavaForConditionalGeneration, checkpoint, "LLaVA model", dtype, index=index)
+            make_real(hf.model.vision_tower)
+            make_real(hf.model.multi_modal_projector)
+        else:
+            hf = hf_from_pretrained(LlavaForConditionalGeneration, checkpoint, "LLaVA model", dtype)
         _keep_file_lm_head(hf.lm_head, hf.model.language_model.embed_tokens, checkpoint,
-                           ("language_model.lm_head.weight", "lm_head.weight"))
+                           ("language_model.lm_head.weight", "lm_head.weight"), index)
         tokenizer = wrap_load_errors(f"tokenizer from {checkpoint}", AutoTokenizer.from_pretrained,
                                      str(checkpoint), local_files_only=True)
         image_processor = wrap_load_errors(f"image processor from {checkpoint}", AutoImageProcessor.from_pretrained,
@@ -415,7 +461,7 @@ class Llava(Family):
                             {"checkpoint": str(checkpoint), "layout": "hf"})
 
     def _load_original(self, checkpoint: Path, root: dict, vision_tower, template: str | None,
-                       dtype) -> MultimodalModel:
+                       dtype, lazy: bool = False) -> MultimodalModel:
         wanted = root.get("mm_vision_tower") or root.get("vision_tower") or "?"
         if vision_tower is None:
             raise DyVTEError(
@@ -438,9 +484,18 @@ class Llava(Family):
             f"language model config from {checkpoint}", LlamaConfig.from_dict,
             {k: v for k, v in root.items() if k not in ("model_type", "architectures")},
         )
-        llm = hf_from_pretrained(LlamaForCausalLM, checkpoint, "LLaVA language model", dtype, config=text_config)
-        _keep_file_lm_head(llm.lm_head, llm.model.embed_tokens, checkpoint, ("lm_head.weight",))
-        tower = hf_from_pretrained(CLIPVisionModel, vt_dir, "LLaVA vision tower", dtype)
+        index = None
+        if lazy:
+            from exporter.streaming import checkpoint_index, lazy_pretrained, make_real
+
+            index = checkpoint_index(checkpoint)
+            llm = lazy_pretrained(LlamaForCausalLM, checkpoint, "LLaVA language model", dtype, config=text_config,
+                                  index=index)
+            tower = make_real(lazy_pretrained(CLIPVisionModel, vt_dir, "LLaVA vision tower", dtype))
+        else:
+            llm = hf_from_pretrained(LlamaForCausalLM, checkpoint, "LLaVA language model", dtype, config=text_config)
+            tower = hf_from_pretrained(CLIPVisionModel, vt_dir, "LLaVA vision tower", dtype)
+        _keep_file_lm_head(llm.lm_head, llm.model.embed_tokens, checkpoint, ("lm_head.weight",), index)
         mm_hidden = config_int(root, "mm_hidden_size", tower.config.hidden_size, f"{checkpoint}/config.json", 1)
         if mm_hidden != tower.config.hidden_size:
             raise DyVTEError(

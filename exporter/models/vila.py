@@ -152,6 +152,24 @@ PRESETS = {
         projector="mlp_downsample",
         select_layer=-2,
     ),
+    # VILA1.5-7B's shapes (SigLIP-so400m at 384 px, 2x2 down-sampling, Llama-2-7B) for export-bench, built
+    # on the meta device; "vila-small" keeps the 729 -> 196 token grid at 1/4 of the width.
+    "vila1.5-7b": dict(
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=384, patch_size=14),
+        llm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000),
+        projector="mlp_downsample",
+        select_layer=-2,
+    ),
+    "vila-small": dict(
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=384, patch_size=14),
+        llm=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000),
+        projector="mlp_downsample",
+        select_layer=-2,
+    ),
     # The built-in default (`Vila.default()`), trained by `python -m exporter.builtin.train_vila` on the
     # synthetic VQA task: a 13x13 patch grid (odd, like SigLIP's 27x27), 2x2-merged to 7x7 = 49 visual
     # tokens, and 8 decoder layers so that the exit layer has room to vary.
@@ -178,20 +196,39 @@ class VilaParts:
     def save(self, folder: Path) -> Path:
         folder = Path(folder)
         self.llm.save_pretrained(folder / "llm")
-        self.tokenizer.save_pretrained(folder / "llm")
         self.tower.save_pretrained(folder / "vision_tower")
+        from safetensors.torch import save_file
+
+        (folder / "mm_projector").mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.projector.state_dict().items()}
+        save_file(state, str(folder / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
+        return self.save_files(folder)
+
+    def save_files(self, folder: Path) -> Path:
+        """Everything of the layout but the weights: configs, tokenizer, image processor."""
+        folder = Path(folder)
+        self.llm.config.save_pretrained(folder / "llm")
+        self.tokenizer.save_pretrained(folder / "llm")
+        self.tower.config.save_pretrained(folder / "vision_tower")
         self.image_processor.save_pretrained(folder / "vision_tower")
         proj_dir = folder / "mm_projector"
         proj_dir.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        state = {k: v.contiguous() for k, v in self.projector.state_dict().items()}
-        save_file(state, str(proj_dir / "model.safetensors"), metadata={"format": "pt"})
         (proj_dir / "config.json").write_text(
             json.dumps({"model_type": "v2l_projector", "mm_projector_type": self.projector.kind}, indent=2)
         )
         (folder / "config.json").write_text(json.dumps(self.root_config, indent=2))
         return folder
+
+    def published_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Sub-folder -> {key in the published layout: tensor} (meta tensors allowed)."""
+        from exporter.streaming import published_names
+
+        out = {}
+        for sub, module in (("llm", self.llm), ("vision_tower", self.tower)):
+            state = module.state_dict()
+            out[sub] = {published_names(module, state)[k]: v for k, v in state.items()}
+        out["mm_projector"] = dict(self.projector.state_dict())
+        return out
 
 
 def _assemble(parts: VilaParts, template_name: str | None, source: dict) -> MultimodalModel:
@@ -276,7 +313,8 @@ class Vila(Family):
     def load(self, checkpoint: Path, template: str | None = None, dtype=torch.float32, lazy: bool = False,
              **_) -> MultimodalModel:
         """`lazy`: the language model stays on disk (meta tensors tagged with their files) until
-        `exporter.streaming.stream_weights` loads a graph's share; the vision half loads eagerly."""
+        `exporter.streaming.stream_weights` loads a graph's share; the vision tower too unless it is
+        under `EAGER_TOWER_BYTES`."""
         checkpoint = require_dir(Path(checkpoint), "VILA checkpoint")
         root = read_json(checkpoint / "config.json")
         if root.get("model_type") not in ("llava_llama", "vila", "llava_qwen2") and "LlavaLlamaModel" not in (
@@ -289,16 +327,17 @@ class Vila(Family):
         llm_dir = require_dir(checkpoint / "llm", "VILA llm")
         vt_dir = require_dir(checkpoint / "vision_tower", "VILA vision_tower")
         proj_dir = require_dir(checkpoint / "mm_projector", "VILA mm_projector")
-        if lazy:
-            from exporter.streaming import lazy_causal_lm
-
-            llm = lazy_causal_lm(llm_dir, "VILA language model", dtype)
-        else:
-            llm = hf_from_pretrained(AutoModelForCausalLM, llm_dir, "VILA language model", dtype)
         vt_type = read_json(vt_dir / "config.json").get("model_type")
         if vt_type not in VISION_CLASSES:
             raise DyVTEError(f"unsupported VILA vision tower {vt_type!r}; supported: {', '.join(VISION_CLASSES)}")
-        tower = hf_from_pretrained(VISION_CLASSES[vt_type], vt_dir, "VILA vision tower", dtype)
+        if lazy:
+            from exporter.streaming import lazy_pretrained, make_real
+
+            llm = lazy_pretrained(AutoModelForCausalLM, llm_dir, "VILA language model", dtype)
+            tower = make_real(lazy_pretrained(VISION_CLASSES[vt_type], vt_dir, "VILA vision tower", dtype))
+        else:
+            llm = hf_from_pretrained(AutoModelForCausalLM, llm_dir, "VILA language model", dtype)
+            tower = hf_from_pretrained(VISION_CLASSES[vt_type], vt_dir, "VILA vision tower", dtype)
         kind = read_json(proj_dir / "config.json").get("mm_projector_type")
         projector = VilaProjector(kind, tower.config.hidden_size, llm.config.hidden_size)
         load_into(projector, load_safetensors(proj_dir), f"VILA projector {proj_dir}")
