@@ -67,6 +67,9 @@ def check_output(output: str | Path, force: bool = False, protect: Iterable[str 
                              "choose another --output (never allowed, even with --force)")
     if output == Path(output.anchor) or _within(Path.cwd().resolve(), output) and output != Path.cwd().resolve():
         raise DyVTEError(f"--output {output} holds the current folder; choose another --output")
+    if os.path.ismount(output):  # a mount point cannot be renamed: found out now, not after the export
+        raise DyVTEError(f"--output {output} is a mount point, which cannot be replaced; export into a folder "
+                         "inside it")
     if os.path.lexists(output):
         what = _not_a_package(output)
         if what and not force:

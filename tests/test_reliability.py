@@ -140,6 +140,7 @@ CASES = [
          ("cannot write --output", "/proc/dyvte-pkg")),
     Case("output-under-sys", "export", ["--model", "vila", "--output", "/sys/dyvte-pkg", *E],
          ("cannot write --output", "/sys/dyvte-pkg")),
+    Case("output-is-a-mount-point", "export", ["--model", "vila", "--output", "/proc", *E], ("mount point",)),
     Case("output-parent-is-a-file", "export", ["--model", "vila", "--output", "{tmp}/notes.txt/pkg", *E],
          ("notes.txt is a file",), setup=user_file),
     # ---------------------------------------------------------------- flags checked before any work
@@ -324,6 +325,9 @@ CASES += [
          setup=lambda env: env.edit_config("", lambda c: c.update(mm_vision_select_layer=40))),
     Case("weights-integer-dtype", "run", ckpt_run(), ("dtype I32", "floating point"),
          setup=lambda env: _weights_file(env, "mm_projector", _int_weight)),
+    Case("weights-a-fifo", "run", ckpt_run(), ("model.safetensors", "not a regular file"),
+         setup=lambda env: ((env.ckpt / "mm_projector" / "model.safetensors").unlink(),
+                            os.mkfifo(env.ckpt / "mm_projector" / "model.safetensors"))),
     Case("shard-index-escapes", "run", ckpt_run(), ("model.safetensors.index.json", "../llm/model.safetensors"),
          setup=_shard_index),
     Case("pickle-beside-safetensors", "run", ckpt_run(), code=0, warns=("pickle", "never unpickled"),

@@ -8,6 +8,8 @@ one-line `DyVTEError` that names the file.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -89,7 +91,13 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def _check_float_weights(path: Path) -> None:
-    """Refuse integer or boolean tensors where weights (floats) belong, from the file's header."""
+    """Refuse integer or boolean tensors where weights (floats) belong, from the file's header;
+    and anything but a regular file (a FIFO would block the reader for ever)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DyVTEError(f"weight file {path} is not a regular file")
+    except OSError as exc:
+        raise DyVTEError(f"cannot read weight file {path}: {exc.strerror}") from None
     try:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
