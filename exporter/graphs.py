@@ -89,17 +89,29 @@ class SegmentGraph(nn.Module):
 
 
 class HypernetGraph(nn.Module):
-    """All routers in one graph: `layer` picks router l's weights from the stacked tensors (the
-    stacking is folded into one initializer at export)."""
+    """All routers in one graph: `layer` picks router l's weights from stacked tensors. The stacks
+    are made here, as the graph's own parameters, so the graph stores each one as a single
+    initializer: stacked inside the graph (Unsqueeze + Concat of every router's weights), large
+    routers escape the exporter's constant-folding size limit and ONNX Runtime folds them at load
+    into a private copy (measured 416 MiB at the bench shape). Costs one copy of the routers while
+    the package is exported; meta (streamed) routers keep the in-graph stack."""
 
     def __init__(self, routers: Routers):
         super().__init__()
         self.routers = routers
+        self.w1 = self.w2 = None
+        layers = routers.layers
+        if not any(r.w1.weight.is_meta or r.w2.weight.is_meta for r in layers):
+            with torch.no_grad():
+                self.w1 = nn.Parameter(torch.stack([r.w1.weight for r in layers]), requires_grad=False)
+                self.w2 = nn.Parameter(torch.stack([r.w2.weight for r in layers]), requires_grad=False)
 
     def forward(self, hidden_states, text_weights, layer):
         features = router_features(hidden_states, text_weights)
-        w1 = torch.index_select(torch.stack([r.w1.weight for r in self.routers.layers]), 0, layer)[0]
-        w2 = torch.index_select(torch.stack([r.w2.weight for r in self.routers.layers]), 0, layer)[0]
+        w1 = self.w1 if self.w1 is not None else torch.stack([r.w1.weight for r in self.routers.layers])
+        w2 = self.w2 if self.w2 is not None else torch.stack([r.w2.weight for r in self.routers.layers])
+        w1 = torch.index_select(w1, 0, layer)[0]
+        w2 = torch.index_select(w2, 0, layer)[0]
         return nn.functional.gelu(features @ w1.T) @ w2.T
 
 
@@ -146,6 +158,19 @@ def segment_spec(shape, graph: SegmentGraph, start: int) -> GraphSpec:
     )
 
 
+def hypernet_spec(routers: Routers) -> GraphSpec:
+    hid = routers.hidden_size
+    return GraphSpec(
+        "hypernet", "hypernet", HypernetGraph(routers),
+        [TensorSpec(NAMES.hidden_in, "float", ("batch", "seq", hid)),
+         TensorSpec(NAMES.text_weights, "float", ("batch", "seq")),
+         TensorSpec(NAMES.router_layer, "int64", (1,))],
+        [TensorSpec(NAMES.router_logits, "float", ("batch", 2))],
+        lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),
+                    torch.full((EX_BATCH, EX_SEQ), 1.0 / EX_SEQ, dtype=dt), torch.tensor([1])),
+    )
+
+
 def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_shape: tuple[int, int, int]):
     """The package's graphs in export order (vision, embedding, segments, hypernet, head)."""
     s = model.shape
@@ -168,15 +193,7 @@ def graph_specs(model: MultimodalModel, segments: list[tuple[int, int]], image_s
         graph = SegmentGraph(model.decoder.layers[start:end], model.decoder.rotary_emb)
         specs.append(segment_spec(s, graph, start))
     if model.routers is not None:
-        specs.append(GraphSpec(
-            "hypernet", "hypernet", HypernetGraph(model.routers),
-            [TensorSpec(NAMES.hidden_in, "float", ("batch", "seq", hid)),
-             TensorSpec(NAMES.text_weights, "float", ("batch", "seq")),
-             TensorSpec(NAMES.router_layer, "int64", (1,))],
-            [TensorSpec(NAMES.router_logits, "float", ("batch", 2))],
-            lambda dt: (torch.randn(EX_BATCH, EX_SEQ, hid, dtype=dt),
-                        torch.full((EX_BATCH, EX_SEQ), 1.0 / EX_SEQ, dtype=dt), torch.tensor([1])),
-        ))
+        specs.append(hypernet_spec(model.routers))
     # A head tied to the embedding must keep the weight untransposed on disk, so that the weights
     # file holds it once; constant folding would store a transposed copy.
     head, table = model.decoder.lm_head.weight, model.decoder.embed_tokens.weight

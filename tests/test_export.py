@@ -345,3 +345,19 @@ def test_reference_rebuilt_from_the_source_must_have_the_exported_routers(vila_p
     with pytest.raises(DyVTEError, match="attached in Python"):
         package_reference(vila_package)
     assert package_reference(vila_package, model=vila_exit_model).backend.model is vila_exit_model
+
+
+
+def test_hypernet_graph_stores_the_routers_stacked_once():
+    """Routers of a real-ratio size (hidden 1024: 16 MiB a layer, past the exporter's constant-folding
+    limit) reach the hypernet graph as one stacked initializer per weight, gathered by layer, not as
+    an in-graph Unsqueeze+Concat of every router that ONNX Runtime would fold into a private copy at load."""
+    from exporter.dyvte.router import seeded_routers
+    from exporter.graphs import hypernet_spec
+    from exporter.onnx_export import trace
+
+    graph = trace(hypernet_spec(seeded_routers(3, 1024, 0)), torch.float32).graph
+    weights = {t.name for t in graph.initializer}
+    stacking = [n.op_type for n in graph.node if n.op_type in ("Concat", "Unsqueeze") and set(n.input) & weights]
+    assert not stacking
+    assert sorted(list(t.dims) for t in graph.initializer if len(t.dims) == 3) == [[3, 2, 2048], [3, 2048, 2048]]
