@@ -26,9 +26,10 @@ from pathlib import Path
 CONFIGS = {
     "shared": {},
     "prepack-prefill": {"prepack": "prefill"},
-    "separate": {"prepack": "all", "shrink_arena": False},
-    "env-arena": {"shrink_arena": False, "shared_arena": True},
-    "keep-arenas": {"shrink_arena": False},
+    "separate": {"prepack": "all", "shrink_arena": False, "shared_arena": False},
+    "env-arena": {"shrink_arena": False, "shared_arena": True},  # = "shared" on CPU since the default
+    "shrink": {"shrink_arena": True, "shared_arena": False},  # per-session arenas shrunk after every run
+    "keep-arenas": {"shrink_arena": False, "shared_arena": False},
 }
 
 

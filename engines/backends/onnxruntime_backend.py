@@ -106,15 +106,17 @@ def _register_env_arena(ort) -> None:
 class OnnxRuntimeBackend(PackageBackend):
     def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  spin: bool = False, weights: str = "auto", prepack: str = "none",
-                 shrink_arena: bool = True, shared_arena: bool = False):
+                 shrink_arena: bool | None = None, shared_arena: bool | None = None):
         """`weights`: "mmap" (ONNX Runtime maps weights.bin in every session: one page-cache copy;
         the CPU default), "ortvalues" (one OrtValue per stored tensor, on the session's device, given
         to every session: the CUDA default), "auto";
         `prepack`: which sessions let ONNX Runtime prepack their weights (a private copy each):
         "none" (default), "prefill" (all but the fused decode graph, whose weights are the
         segments'), "all" (the behaviour before issue 10);
-        `shrink_arena`: every run returns its arena's free chunks afterwards; `shared_arena` (CPU):
-        every session allocates from one process-wide arena instead of its own (experimental)."""
+        `shared_arena` (CPU; the CPU default): every session allocates from one process-wide arena
+        (ONNX Runtime's environment allocator) instead of its own, so the arena follows the largest
+        single run, not the sum over sessions; `shrink_arena` (the default where no arena is shared,
+        i.e. CUDA): every run returns its arena's free chunks afterwards (costs prefill ~30% on CPU)."""
         import onnxruntime as ort
 
         super().__init__(package, manifest)
@@ -135,6 +137,11 @@ class OnnxRuntimeBackend(PackageBackend):
             weights = "mmap" if self._ort_device == "cpu" else "ortvalues"
         if weights not in ("mmap", "ortvalues"):
             raise DyVTEError(f"unknown weights setting {weights!r}; choose auto, mmap or ortvalues")
+        if shared_arena is None:
+            shared_arena = self._ort_device == "cpu"
+        shared_arena = shared_arena and self._ort_device == "cpu"
+        if shrink_arena is None:
+            shrink_arena = not shared_arena
         self.weights = SharedWeights(self.package / "graphs", self._ort_device) if weights == "ortvalues" else None
         self.sessions = {}
         for graph in manifest.graphs:
