@@ -130,6 +130,7 @@ class Metrics:
         for m in (self.exit_layer, self.queue_depth, self.batch_size, self.ttft, self.tokens_per_s, self.tokens):
             m.set_default_tags(dict(tags))  # (Serve adds its own tags into the dict)
         self.model, self.num_layers = model, num_layers
+        self.queue_depth.set(0)  # recorded from the start, not only once a request has queued
 
     def observe(self, name: str, value) -> None:  # the scheduler's observer (engine thread)
         if name == "queue_depth":
