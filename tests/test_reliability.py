@@ -493,20 +493,6 @@ def test_nan_after_a_finite_sample_is_not_folded_away():
     assert list(errors) == ["vision", "layers 0-0", "router 0", "layers 1-1", "logits"]  # compute order
 
 
-def test_package_with_nan_logits_fails_the_report(vila_package, vila_exit_model, tmp_path):
-    from helpers import perturb_weight
-    from validation.parity import validate_package
-
-    package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
-    perturb_weight(package, "lm_head", scale=NAN)
-    report = validate_package(package, model=vila_exit_model, speed_repeats=0, count=2, max_new_tokens=2)
-    ort = report.data["backends"]["onnxruntime"]
-    assert not report.passed and ort["first_non_finite_stage"] == "logits"
-    assert "max|diff| non-finite" in report.summary()
-    data = _strict_json(Path(report.data["json"]).read_text())
-    assert data["backends"]["onnxruntime"]["stages"]["logits"]["non_finite"]["backend"] > 0
-
-
 def test_nan_checkpoint_export_fails_its_report_at_the_vision_stage(vila_checkpoint, tmp_path, capsys):
     """The issue's case end to end: an all-NaN checkpoint exported with validation is FAILED, by
     the first stage that went non-finite, and the report is strict JSON."""
@@ -723,13 +709,22 @@ def test_prompt_bytes_that_are_not_utf8_from_a_real_command_line(sources):
     assert_one_line_error(proc.returncode, err, 2, ("prompt is not valid UTF-8",))
 
 
-def test_package_with_nan_routers_fails_the_report_at_the_first_router(vila_package, vila_exit_model, tmp_path):
+@pytest.mark.parametrize("graph, stage, words", [
+    ("lm_head", "logits", "max|diff| non-finite"),
+    ("hypernet", "router 0", "first non-finite stage: router 0"),
+])
+def test_package_with_nan_weights_fails_the_report_at_their_stage(vila_package, vila_exit_model, tmp_path,
+                                                                  graph, stage, words):
+    """NaN logits and NaN routers each fail the report, named by the first stage that went non-finite."""
     from helpers import perturb_weight
     from validation.parity import validate_package
 
     package = Path(shutil.copytree(vila_package, tmp_path / "pkg"))
-    perturb_weight(package, "hypernet", scale=NAN)
+    perturb_weight(package, graph, scale=NAN)
     report = validate_package(package, model=vila_exit_model, speed_repeats=0, count=2, max_new_tokens=2)
     ort = report.data["backends"]["onnxruntime"]
-    assert not report.passed and ort["first_non_finite_stage"] == "router 0"
-    assert "first non-finite stage: router 0" in report.summary()
+    assert not report.passed and ort["first_non_finite_stage"] == stage
+    assert words in report.summary()
+    if stage == "logits":
+        data = _strict_json(Path(report.data["json"]).read_text())
+        assert data["backends"]["onnxruntime"]["stages"]["logits"]["non_finite"]["backend"] > 0

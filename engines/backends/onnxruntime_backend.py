@@ -154,7 +154,7 @@ class OnnxRuntimeBackend(PackageBackend):
             # Every graph has its own session and thread pool; threads left spinning after one graph's
             # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-            if shared_arena and self._ort_device == "cpu":
+            if shared_arena:
                 _register_env_arena(ort)
                 options.add_session_config_entry("session.use_env_allocators", "1")
             # quantized packages: MatMulNBits runs on prepacked weights (measured >10x slower without, int4
