@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32/fp16 float graphs; int8/int4: weight-only quantized decoder and LM head "
                         "(ONNX Runtime's MatMulNBits quantizer, symmetric, block-wise; see exporter/quantize.py)")
     p.add_argument("--quant-block", type=int, help="int8/int4: weights per scale along K (power of two >= 16 "
-                   "dividing the hidden size; default 32)")
+                   "dividing the hidden size; default int8 32, int4 16)")
     p.add_argument("--exit-window", help="START:END layers after which the exit may happen (inclusive), "
                    "'auto' to calibrate on sample inputs, 'none' for no exit; default: every layer")
     p.add_argument("--backend", choices=("onnx", "tensorrt", "all"), default="onnx",

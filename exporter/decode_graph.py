@@ -41,6 +41,43 @@ def _set_axes(value: onnx.ValueInfoProto, names: dict[str, str]) -> None:
             dim.dim_param = names[dim.dim_param]
 
 
+def _initializer_key(tensor: onnx.TensorProto) -> tuple:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        data = ("external", info["location"], info.get("offset", "0"), info["length"])
+    else:
+        data = ("inline", tensor.raw_data, tuple(tensor.float_data), tuple(tensor.int64_data), tuple(tensor.int32_data))
+    return (tensor.data_type, tuple(tensor.dims), data)
+
+
+def _share_initializers(graph: onnx.GraphProto) -> None:
+    """One initializer per stored value: the segments' copies of equal tensors (the rotary
+    frequencies, norms stored once, small shape constants) become one name, so ONNX Runtime's
+    common-subexpression elimination computes what every segment derives from them (rotary
+    cos/sin from the shared position ids) once per step instead of once per segment."""
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    kept = []
+    for tensor in graph.initializer:
+        key = _initializer_key(tensor)
+        if key in first:
+            rename[tensor.name] = first[key]
+        else:
+            first[key] = tensor.name
+            kept.append(tensor)
+    if not rename:
+        return
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+    names = {t.name for t in kept}
+    kept_info = [v for v in graph.value_info if v.name not in rename]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    assert not (set(rename) & names)
+
+
 def compose_decode_graph(folder: Path, manifest_graphs) -> tuple[onnx.ModelProto, list, list]:
     """The decode graph of the package's `graphs/` folder (manifest `GraphEntry`s), and its
     input/output specs."""
@@ -80,6 +117,7 @@ def compose_decode_graph(folder: Path, manifest_graphs) -> tuple[onnx.ModelProto
         merged.node.extend(part.node)
         merged.initializer.extend(part.initializer)
         merged.value_info.extend(part.value_info)
+    _share_initializers(merged)
     merged.input.extend(inputs)
     merged.output.extend(outputs)
     opsets: dict[str, int] = {}  # quantized segments may use a newer opset / the com.microsoft domain

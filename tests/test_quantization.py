@@ -12,8 +12,8 @@ import pytest
 from engines.core.errors import DyVTEError
 
 EVAL_SAMPLES = 96  # built-in task eval split; accuracy is compared on these
-# int4 at block 16 here: on 96 samples block 32 lost 3 of 96 answers without an exit (0.4 point on
-# the 500-sample split, README "Quantized packages"); 16 keeps the test's margin on few samples
+# the default blocks (exporter.quantize.DEFAULT_BLOCKS): int4 at 16, where block 32 lost 3 of these 96
+# answers without an exit (0.4 point on the 500-sample split, README "Quantized packages")
 BLOCKS = {"int8": 32, "int4": 16}
 
 
@@ -26,12 +26,11 @@ def builtin_vila():
 
 @pytest.fixture(scope="module")
 def quant_packages(builtin_vila, tmp_path_factory):
-    """The built-in VILA exported at int8 (default block 32) and at int4 (block 16), once for this module."""
+    """The built-in VILA exported at int8 and int4 with the default blocks (32, 16), once for this module."""
     from exporter.package import export_onnx
 
     root = tmp_path_factory.mktemp("quant")
-    return {p: export_onnx(builtin_vila, root / p, p, progress=False, quant_block=None if b == 32 else b)
-            for p, b in BLOCKS.items()}
+    return {p: export_onnx(builtin_vila, root / p, p, progress=False) for p in BLOCKS}
 
 
 def _load(package, name):
@@ -186,3 +185,26 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_quantizer_failure_and_unknown_precision_write_nothing(builtin_vila, tmp_path, monkeypatch):
+    """A graph the quantizer cannot take, met during the export: one line naming the graph, and
+    neither the package nor its partial (with the float staging file) is left behind."""
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    from exporter.package import export_onnx
+
+    out = tmp_path / "pkg"
+    with pytest.raises(DyVTEError, match="unknown precision 'int3'"):
+        export_onnx(builtin_vila, out, "int3", progress=False)
+    assert not out.exists()
+
+    def refuse(self):
+        raise ValueError("unsupported weight layout\nsecond line")
+
+    monkeypatch.setattr(matmul_nbits_quantizer.MatMulNBitsQuantizer, "process", refuse)
+    with pytest.raises(DyVTEError) as info:
+        export_onnx(builtin_vila, out, "int4", progress=False)
+    assert str(info.value) == ("onnxruntime's quantizer could not take graph decoder.00-00 at int4: "
+                               "unsupported weight layout")
+    assert not out.exists() and not list(tmp_path.iterdir()), list(tmp_path.iterdir())

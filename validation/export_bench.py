@@ -24,6 +24,13 @@ from engines.core.errors import DyVTEError
 
 SHAPES = {"llava-7b": ("llava", "llava-1.5-7b"), "tiny": ("llava", "tiny")}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def source_precision(precision: str) -> str:
+    """The float precision of the (random) weights a package of `precision` is exported from:
+    int8/int4 packages quantize the published fp16 weights."""
+    return precision if precision in DTYPES else "fp16"
 
 
 # family -> preset of the published shape, and the same proportions at 1/4 width
@@ -48,7 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-validate", action="store_true", help="with --family: export only")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="no checkpoint: a meta-device model of this shape")
     parser.add_argument("--output", default="exports/llava-7b-random", help="with --shape: package directory")
-    parser.add_argument("--precision", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                        help="package precision; int8/int4 quantize fp16 random weights (default fp16)")
+    parser.add_argument("--quant-block", type=int, help="int8/int4: weights per scale (default int8 32, int4 16)")
     parser.add_argument("--exit-window", help="START:END (default: every layer)")
     parser.add_argument("--json", help="also write the figures to this file")
 
@@ -93,7 +102,7 @@ def skeleton(shape: str = "llava-7b", precision: str = "fp16", seed: int = 0):
     from exporter.models import get_family
 
     family, preset = SHAPES[shape]
-    dtype = DTYPES[precision]
+    dtype = DTYPES[source_precision(precision)]
     with torch.device("meta"):
         model = get_family(family).preset(seed=seed, name=preset)
         s = model.shape
@@ -115,7 +124,8 @@ def skeleton(shape: str = "llava-7b", precision: str = "fp16", seed: int = 0):
 
 
 def export_random(shape: str = "llava-7b", output: str | Path = "exports/llava-7b-random",
-                  precision: str = "fp16", exit_window: str | None = None, seed: int = 0) -> Path:
+                  precision: str = "fp16", exit_window: str | None = None, seed: int = 0,
+                  quant_block: int | None = None) -> Path:
     """Export the random model of `shape` streaming its weights; returns the package path."""
     from exporter.package import export_onnx
     from exporter.plan import SplitPlan
@@ -123,7 +133,8 @@ def export_random(shape: str = "llava-7b", output: str | Path = "exports/llava-7
     model = skeleton(shape, precision, seed)
     plan = SplitPlan.parse(exit_window, model.shape.num_layers)
     source = {"family": SHAPES[shape][0], "random_shape": shape, "seed": seed}
-    return export_onnx(model, output, precision, plan, materialize=random_weights(seed), source=source)
+    return export_onnx(model, output, precision, plan, materialize=random_weights(seed), source=source,
+                       quant_block=quant_block)
 
 
 # ----------------------------------------------------------------------------- random checkpoints
@@ -247,17 +258,17 @@ def run_family(args) -> int:
     stages = {}
     try:
         start = time.perf_counter()
-        weights = write_checkpoint(args.family, args.size, checkpoint, args.precision)
+        weights = write_checkpoint(args.family, args.size, checkpoint, source_precision(args.precision))
         stages["write"] = time.perf_counter() - start
         stream, why = choose_streaming(checkpoint_folders(checkpoint), True)
         start = time.perf_counter()
-        model = load_model(args.family, checkpoint, lazy=stream, dtype=DTYPES[args.precision])
+        model = load_model(args.family, checkpoint, lazy=stream, dtype=DTYPES[source_precision(args.precision)])
         stages["load"] = time.perf_counter() - start
         start = time.perf_counter()
         plan = SplitPlan.parse(args.exit_window, model.shape.num_layers)
         source = {"family": args.family, "checkpoint": str(checkpoint), "routers": None}
         package = export_onnx(model, output, args.precision, plan, progress=False, source=source,
-                              materialize=stream_weights)
+                              materialize=stream_weights, quant_block=args.quant_block)
         stages["export"] = time.perf_counter() - start
         export_rss = _peak_rss_gib()
         print(f"exported in {stages['export']:.0f} s (write {stages['write']:.0f} s, load {stages['load']:.1f} s), "
@@ -317,6 +328,29 @@ def run_family(args) -> int:
     return 0 if report.passed else 1
 
 
+def stored_bytes_by_role(package: Path) -> dict[str, int]:
+    """Bytes of `graphs/weights.bin` per graph role, each stored tensor counted once (at the first
+    graph in manifest order that names it): what the package's size is made of."""
+    import onnx
+
+    from engines.core.manifest import Manifest
+
+    manifest = Manifest.load(package, verify=False)
+    seen: set = set()
+    out: dict[str, int] = {}
+    for g in manifest.graphs:
+        model = onnx.load(str(manifest.resolve(package, g.file)), load_external_data=False)
+        for t in model.graph.initializer:
+            info = {e.key: e.value for e in t.external_data}
+            if "length" not in info:
+                continue
+            key = (info.get("location"), info.get("offset"), info["length"])
+            if key not in seen:
+                seen.add(key)
+                out[g.role] = out.get(g.role, 0) + int(info["length"])
+    return out
+
+
 def run(args) -> int:
     from engines.core.manifest import Manifest
 
@@ -327,9 +361,10 @@ def run(args) -> int:
             raise DyVTEError("give --family (a random checkpoint) or --shape (no checkpoint), not both")
         return run_family(args)
     start = time.perf_counter()
-    package = export_random(args.shape, args.output, args.precision, args.exit_window)
+    package = export_random(args.shape, args.output, args.precision, args.exit_window, quant_block=args.quant_block)
     manifest = Manifest.load(package, verify=False)
     size = manifest.package_bytes
+    by_role = stored_bytes_by_role(package)
     figures = {
         "shape": args.shape,
         "precision": args.precision,
@@ -339,11 +374,15 @@ def run(args) -> int:
         "wall_seconds": time.perf_counter() - start,
         "package_gib": size / 2**30,
         "weights_gib": manifest.weights.parameter_bytes / 2**30,
+        "stored_gib_by_role": {role: b / 2**30 for role, b in by_role.items()},
     }
     print(f"exported {args.shape} ({args.precision}) to {package}\n"
           f"  peak RSS {figures['peak_rss_gib']:.2f} GiB, export {figures['export_seconds']:.0f} s, "
           f"package {figures['package_gib']:.2f} GiB for {figures['weights_gib']:.2f} GiB of weights "
-          f"({figures['package_gib'] / figures['weights_gib']:.3f}x)", file=sys.stdout)
+          f"({figures['package_gib'] / figures['weights_gib']:.3f}x)\n"
+          f"  weights.bin by graph role (each stored tensor counted once, at its first graph): "
+          + ", ".join(f"{role} {gib:.2f} GiB" for role, gib in figures["stored_gib_by_role"].items()),
+          file=sys.stdout)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
