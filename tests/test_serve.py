@@ -225,6 +225,34 @@ def test_32_concurrent_clients_each_get_their_solo_answer(server, runtime):
         assert choice["dyvte"]["visual_tokens_dropped"] == (0 if exit_layer is None else 25)
 
 
+@pytest.mark.parametrize("image_turn", [0, 1])
+def test_a_multi_turn_conversation_equals_the_runtime_on_its_chat_prompt(server, client, runtime, image_turn):
+    """system + user + assistant + user, the image in the first or the last user turn ('developer'
+    is OpenAI's newer 'system'): the answer, streamed and not, is `Runtime.generate` on
+    `Runtime.prepare_chat` of the same turns (greedy), and its prompt is not the last turn's alone."""
+    from engines.core.prompt import Turn
+
+    question, image = sample_pairs([2 + image_turn])[0]
+    url = data_url(png_bytes(image))
+    texts = ["look at this.", question]
+    messages = [{"role": "developer" if image_turn else "system", "content": "answer in one word."}]
+    messages += user(texts[0], url if image_turn == 0 else None)
+    messages += [{"role": "assistant", "content": [{"type": "text", "text": "i see."}]}]
+    messages += user(texts[1], url if image_turn == 1 else None)
+    turns = [Turn("system", "answer in one word."), Turn("user", texts[0], image_turn == 0),
+             Turn("assistant", "i see."), Turn("user", texts[1], image_turn == 1)]
+    prompt = runtime.prepare_chat(turns, image)
+    assert prompt.input_ids != runtime.prepare(texts[1], image).input_ids
+    (expected,) = runtime.generate([prompt], "dynamic", GenerationConfig(max_new_tokens=6))
+    response = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.prompt_tokens == len(prompt.input_ids)
+    assert response.choices[0].model_extra["dyvte"]["exit_layer"] == expected.exit_layer
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+
+
 def test_an_image_url_is_fetched_over_http(server, runtime):
     question, image = sample_pairs([1])[0]
     payload = png_bytes(image)
@@ -351,8 +379,21 @@ def bad_requests():
         ("negative seed", {**ok, "seed": -1}, KEY, 400, "seed"),
         ("n > 1", {**ok, "n": 2}, KEY, 400, "n"),
         ("too many stops", {**ok, "stop": ["a", "b", "c", "d", "e"]}, KEY, 400, "stop"),
-        ("a system turn", {**ok, "messages": [{"role": "system", "content": "be brief"}] + ok["messages"]},
-         KEY, 400, "one user turn"),
+        ("a tool message", {**ok, "messages": ok["messages"] + [{"role": "tool", "content": "42"}]},
+         KEY, 400, "unsupported message role 'tool'"),
+        ("ends with an assistant turn", {**ok, "messages": ok["messages"] + [{"role": "assistant", "content": "a"}]},
+         KEY, 400, "end with a user message"),
+        ("a system message after a user turn", {**ok, "messages": ok["messages"] + [
+            {"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, KEY, 400, "system messages"),
+        ("an image in an assistant turn", {**ok, "messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": user("a", good_url)[0]["content"]},
+            {"role": "user", "content": "q"}]}, KEY, 400, "only be in user messages"),
+        ("images in two user turns", {**ok, "messages": user("a", good_url) + [{"role": "assistant", "content": "b"}]
+                                      + user(question, good_url)}, KEY, 400, "at most 1 image"),
+        ("an assistant turn without content", {**ok, "messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": None},
+                                                                  {"role": "user", "content": "q"}]},
+         KEY, 400, "content is required"),
         ("wrong API key", ok, "wrong-key", 401, "API key"),
         ("missing API key", ok, None, 401, "API key"),
     ]

@@ -303,16 +303,16 @@ class DyVTEServer:
         raise RuntimeError("the request's event stream ended without a result")
 
     async def _submit(self, body: ChatRequest, marks: dict):
-        question, urls = body.user_turn()
+        turns, urls = body.conversation()
         if len(urls) > 1:
             raise APIError(400, f"this model takes at most 1 image per request (got {len(urls)})",
-                           param="messages.0.content", code="too_many_images")
-        image = await load_image_url(urls[0].url, self.limits, "messages.0.content.image_url") if urls else None
+                           param=urls[1][0], code="too_many_images")
+        image = await load_image_url(urls[0][1].url, self.limits, urls[0][0]) if urls else None
         marks["image"] = time.perf_counter()
         try:
-            prompt = await asyncio.to_thread(self.runtime.prepare, question, image)
+            prompt = await asyncio.to_thread(self.runtime.prepare_chat, turns, image)
         except DyVTEError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param="messages") from None
         marks["prepared"] = time.perf_counter()
         room = self.context - len(prompt.input_ids)
         max_tokens = body.max_completion_tokens or body.max_tokens
