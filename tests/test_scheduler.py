@@ -52,6 +52,18 @@ def test_requests_arriving_during_decode_join_and_equal_their_solo_runs(runtime,
     assert results[2].visual_tokens_dropped == 0 and results[0].visual_tokens_dropped == prompts[0].num_visual
     assert max(scheduler.stats["batch_sizes"]) > 1  # they really ran together
     assert scheduler.stats["prefills"] < len(prompts)  # and some were prefilled together
+    assert max(scheduler.stats["prefill_sizes"]) > 1
+    assert sum(scheduler.stats["prefill_sizes"].values()) == scheduler.stats["prefills"]
+
+
+def test_a_request_without_token_events_gets_only_its_result(runtime, prompts, scheduler):
+    """`tokens=False` (the server's non-streamed answers): one `done` event, the same result."""
+    streamed = scheduler.submit(prompts[3], SamplingParams(max_tokens=6)).result()
+    quiet = scheduler.submit(prompts[3], SamplingParams(max_tokens=6), tokens=False)
+    events = list(quiet)
+    assert [e.kind for e in events] == ["done"]
+    assert events[0].result.token_ids == streamed.token_ids and events[0].result.text == streamed.text
+    assert quiet.finished is not None and quiet.finished >= quiet.submitted
 
 
 def test_streamed_text_adds_up_to_the_answer_and_timings_are_reported(runtime, prompts, scheduler):

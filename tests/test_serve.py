@@ -57,12 +57,14 @@ def server(vila_package):
     import ray
     from ray import serve
 
-    from engines.serve.app import build_app
+    from engines.serve.app import SERVE_ENV, apply_serve_env, build_app
 
-    # Ray's workers (the replicas) import this checkout; metrics reach the exporter every second
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_metrics_report_interval_ms")}
+    # Ray's workers (the replicas) import this checkout; metrics reach the exporter every second;
+    # Serve runs with the settings `python -m engines serve` gives it (SERVE_ENV)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_metrics_report_interval_ms", *SERVE_ENV)}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved["PYTHONPATH"]) if p)
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    apply_serve_env()
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              namespace="dyvte-test")
@@ -144,6 +146,29 @@ def test_openai_client_answer_equals_engines_run(client, vila_package, tmp_path,
     assert dyvte["exit_layer"] == cli["exit_layer"] == TARGET_EXITS[0]
     assert dyvte["visual_tokens_dropped"] == dyvte["visual_tokens"] == 25 and dyvte["num_layers"] == 4
     assert dyvte["total_ms"] >= dyvte["first_token_ms"] >= dyvte["prefill_ms"] > 0 and dyvte["queue_ms"] >= 0
+
+
+def test_an_answer_says_where_its_time_went_in_server_timing(server):
+    """`Server-Timing` splits the replica's time (parse, image, prepare, engine = dyvte.total_ms,
+    wake, respond); /health counts decode steps per batch size."""
+    question, image = sample_pairs([5])[0]
+    r = post(server, {"model": MODEL, "messages": user(question, data_url(png_bytes(image))), "temperature": 0,
+                      "max_tokens": 4})
+    assert r.status_code == 200
+    from validation.serve_bench import server_timing
+
+    timing = server_timing(r.headers["server-timing"])
+    assert set(timing) == {"parse", "image", "prepare", "engine", "wake", "respond", "replica"}
+    assert all(v >= 0 for v in timing.values()) and timing["image"] > 0 and timing["prepare"] > 0
+    assert abs(timing["engine"] - r.json()["choices"][0]["dyvte"]["total_ms"]) < 2.0
+    parts = sum(v for k, v in timing.items() if k != "replica")
+    assert parts <= timing["replica"] + 0.01 and timing["replica"] - parts < 5.0  # (the gaps: awaits, the submit)
+    replicas = {}
+    for _ in range(16):  # (two replicas: the one that answered reports it)
+        health = httpx.get(f"{server}/health", timeout=30).json()
+        replicas[health["replica"]] = health
+    assert any(sum(h["batch_sizes"].values()) >= 3 and sum(h["prefill_sizes"].values()) >= 1
+               for h in replicas.values()), replicas
 
 
 def test_streamed_answer_equals_the_runtime_and_ends_with_done(client, server, runtime):
