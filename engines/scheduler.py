@@ -194,6 +194,10 @@ class Scheduler:
         # counters only (a long-running server): decode steps per batch size, prefills per request count
         self.stats = {"steps": 0, "batch_sizes": Counter(), "prefills": 0, "prefill_sizes": Counter()}
         self.observers: list = []  # callables(name, value): metrics hooks (queue depth, batch size, ...)
+        # queue depth is re-reported this often even when it does not change (a gauge exporter may
+        # export a value only once after it is set: Ray's does)
+        self.depth_interval_s = 1.0
+        self._depth_at = -math.inf
         stops = runtime.processor.eos_token_ids or []
         self._eos = set(stops)
 
@@ -243,6 +247,10 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                now = time.monotonic()
+                if now - self._depth_at >= self.depth_interval_s:
+                    self._depth_at = now
+                    self._notify("queue_depth", self.waiting.qsize())
                 self._admit()
                 if self.running:
                     self._step()

@@ -1,6 +1,8 @@
 """In-flight batching: requests that arrive while others decode join the running batch, and every
 request still gets exactly what it gets alone (tokens and exit layer), greedy or sampled."""
 
+import time
+
 import pytest
 import torch
 
@@ -188,3 +190,18 @@ def test_an_internal_prefill_error_fails_only_its_request(runtime, prompts):
     for i in (0, 1, 3):
         assert outcomes[i].kind == "done"
         assert outcomes[i].result.token_ids == solo(runtime, prompts[i], SamplingParams(max_tokens=3))[0]
+
+
+def test_queue_depth_is_re_reported_while_idle(runtime):
+    """A gauge exporter may export a value once after it is set (Ray's does): the engine loop
+    reports the queue depth every `depth_interval_s` even when nothing happens."""
+    s = Scheduler(runtime, max_batch=2, max_queue=2)
+    s.depth_interval_s = 0.1
+    reports = []
+    s.observers.append(lambda name, value: reports.append(value) if name == "queue_depth" else None)
+    s.start()
+    try:
+        time.sleep(0.75)
+    finally:
+        s.stop()
+    assert 4 <= len(reports) <= 12 and set(reports) == {0}, reports

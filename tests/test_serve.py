@@ -439,18 +439,29 @@ def test_prometheus_metrics_are_exported_through_ray(server):
 
     assert [r.status_code for r in asyncio.run(burst())] == [200] * 24
 
+    # Ray exports asynchronously (and a gauge only after it is set: the replicas re-set the queue
+    # depth every second): scrape until every metric has been seen and the batch sizes are in, or
+    # the deadline; a metric that never shows up fails
     port = ray.nodes()[0]["MetricsExportPort"]
-    deadline, text = time.monotonic() + 60, ""
     names = ("ray_dyvte_exit_layer_bucket", "ray_dyvte_batch_size_sum", "ray_dyvte_time_to_first_token_ms_count",
              "ray_dyvte_generated_tokens_total", "ray_dyvte_queue_depth")
+    deadline, seen, text = time.monotonic() + 90, set(), ""
+
+    def complete(text):
+        return seen == set(names) and _value(text, "ray_dyvte_batch_size_sum") > \
+            _value(text, "ray_dyvte_batch_size_count") > 0 and _value(text, "ray_dyvte_generated_tokens_total") > 32
+
     while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(n in text for n in names) and _value(text, "ray_dyvte_batch_size_sum") > \
-                _value(text, "ray_dyvte_batch_size_count") > 0:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except httpx.HTTPError:  # the exporter not answering yet
+            time.sleep(1)
+            continue
+        seen |= {n for n in names if n in text}
+        if complete(text):
             break
-        time.sleep(2)
-    missing = [n for n in names if n not in text]
-    assert not missing, missing
+        time.sleep(1)
+    assert seen == set(names), sorted(set(names) - seen)
     assert _value(text, "ray_dyvte_batch_size_sum") > _value(text, "ray_dyvte_batch_size_count") > 0  # mean > 1
     assert _value(text, "ray_dyvte_generated_tokens_total") > 32
 
