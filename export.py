@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the checkpoint's weights on disk: each graph's share is read memory-mapped while it "
                         "exports, and the validation's PyTorch reference reads each layer's while it runs. "
                         "Default: on when the weights exceed half the available memory")
+    p.add_argument("--low-memory-report", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the parity report's ONNX Runtime side graph by graph (one graph's session open at a "
+                        "time, no fused decode graph): slower, but within the streaming budget. Default: on when "
+                        "streaming, or when the package's weights exceed half the available memory")
     return p
 
 
@@ -165,7 +169,8 @@ def run(args) -> int:
     from validation.report_cli import read_thresholds
 
     report = validate_package(package, model=model, images=args.images, prompts=args.prompts,
-                              thresholds=read_thresholds(args.thresholds), progress=not args.no_progress)
+                              thresholds=read_thresholds(args.thresholds), progress=not args.no_progress,
+                              low_memory=args.low_memory_report)
     print(report.summary())
     return 0 if report.passed else 1
 

@@ -80,6 +80,11 @@ class Runtime:
     def prepare(self, question: str, image=None) -> Prompt:
         return self.processor.build(question, image)
 
+    def prepare_chat(self, turns, image=None) -> Prompt:
+        """A conversation (`engines.core.prompt.Turn`s: system / user / assistant; the user turn
+        with `image=True` holds `image`) in the family's chat prompt."""
+        return self.processor.build_chat(turns, image)
+
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 import math
 import queue
 import threading
@@ -125,10 +126,11 @@ class Request:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: Prompt, params: SamplingParams):
+    def __init__(self, prompt: Prompt, params: SamplingParams, tokens: bool = True):
         self.id = next(self._ids)
         self.prompt = prompt
         self.params = params
+        self.tokens = tokens  # False: only the final event (no per-token wake-ups of the consumer)
         self.channel = _Channel()
         self.cancelled = False
         self.submitted = time.perf_counter()
@@ -139,6 +141,7 @@ class Request:
         self.text = ""
         self.sent = 0  # characters of `text` already streamed
         self.times: dict[str, float] = {}
+        self.finished: float | None = None  # perf_counter when the engine thread sent the final event
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -188,8 +191,13 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "batch_sizes": [], "prefills": 0}
+        # counters only (a long-running server): decode steps per batch size, prefills per request count
+        self.stats = {"steps": 0, "batch_sizes": Counter(), "prefills": 0, "prefill_sizes": Counter()}
         self.observers: list = []  # callables(name, value): metrics hooks (queue depth, batch size, ...)
+        # queue depth is re-reported this often even when it does not change (a gauge exporter may
+        # export a value only once after it is set: Ray's does)
+        self.depth_interval_s = 1.0
+        self._depth_at = -math.inf
         stops = runtime.processor.eos_token_ids or []
         self._eos = set(stops)
 
@@ -211,9 +219,9 @@ class Scheduler:
             request.channel.put(Event("error", error="the server is shutting down", status=503))
         self.running, self.cache = [], None
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, tokens: bool = True) -> Request:
         """Queue a request; DyVTEError when it cannot run (too long for the context, ...),
-        QueueFull when the queue is full."""
+        QueueFull when the queue is full. `tokens=False`: no `token` events, only the final one."""
         params = params or SamplingParams()
         self.runtime.check([prompt], self.policy, params.max_tokens)
         if self.token_budget and len(prompt.input_ids) + params.max_tokens > self.token_budget:
@@ -221,7 +229,7 @@ class Scheduler:
                              f"exceeds this server's token budget of {self.token_budget}")
         if self._stop.is_set():
             raise DyVTEError("the server is shutting down")
-        request = Request(prompt, params)
+        request = Request(prompt, params, tokens)
         try:
             self.waiting.put_nowait(request)
         except queue.Full:
@@ -239,6 +247,10 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                now = time.monotonic()
+                if now - self._depth_at >= self.depth_interval_s:
+                    self._depth_at = now
+                    self._notify("queue_depth", self.waiting.qsize())
                 self._admit()
                 if self.running:
                     self._step()
@@ -307,6 +319,7 @@ class Scheduler:
                                      reserve=reserve)
         t1 = time.perf_counter()
         self.stats["prefills"] += 1
+        self.stats["prefill_sizes"][len(requests)] += 1
         for request in requests:
             request.times.update(prefill_start=t0, prefill_end=t1)
         return requests, batch
@@ -335,7 +348,7 @@ class Scheduler:
             if not self.running:
                 return
         self.stats["steps"] += 1
-        self.stats["batch_sizes"].append(len(self.running))
+        self.stats["batch_sizes"][len(self.running)] += 1
         self._notify("batch_size", len(self.running))
         tokens = [r.next_token for r in self.running]
         logits = self.runtime.decode_step(self.cache, tokens, self.positions)
@@ -392,13 +405,15 @@ class Scheduler:
         upto = len(request.text) - hold
         delta = request.text[request.sent:upto] if upto > request.sent else ""
         request.sent = max(request.sent, upto)
-        request.channel.put(Event("token", token_id=token, text=delta))
+        if request.tokens:
+            request.channel.put(Event("token", token_id=token, text=delta))
 
     def _finish(self, request: Request, reason: str) -> None:
         end = time.perf_counter()
         t = request.times
         if request.sent < len(request.text):  # text held back for a stop string that never came
-            request.channel.put(Event("token", text=request.text[request.sent:]))
+            if request.tokens:
+                request.channel.put(Event("token", text=request.text[request.sent:]))
             request.sent = len(request.text)
         gen = request.generation
         visual = request.prompt.num_visual
@@ -415,6 +430,7 @@ class Scheduler:
             visual_tokens_dropped=visual if gen.exit_layer is not None else 0,
             prompt_tokens=len(request.prompt.input_ids), timings_ms={k: round(v, 3) for k, v in timings.items()})
         self._notify("finished", result)
+        request.finished = time.perf_counter()
         request.channel.put(Event("done", result=result))
 
     def _notify(self, name: str, value) -> None:

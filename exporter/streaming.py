@@ -312,11 +312,17 @@ def checkpoint_folders(checkpoint, options: dict | None = None) -> list[Path]:
 def choose_streaming(folders: Iterable[Path], forced: bool | None) -> tuple[bool, str]:
     """Whether to stream a checkpoint, and why: forced by a flag, else when its weights exceed
     `STREAM_FRACTION` of the available memory."""
-    size = weight_bytes(folders)
+    return exceeds_memory(weight_bytes(folders), forced)
+
+
+def exceeds_memory(size: int, forced: bool | None = None, what: str = "weights",
+                   flags: tuple[str, str] = ("--stream", "--no-stream")) -> tuple[bool, str]:
+    """`choose_streaming`'s rule for `size` bytes: forced by a flag (`flags`: its on and off
+    spellings), else whether they exceed `STREAM_FRACTION` of the available memory; and why."""
     free = available_memory()
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     if forced is not None:
-        return forced, f"{'--stream' if forced else '--no-stream'} given (weights {gib(size)}, {gib(free)} available)"
+        return forced, f"{flags[0] if forced else flags[1]} given ({what} {gib(size)}, {gib(free)} available)"
     stream = size > STREAM_FRACTION * free
     relation = ">" if stream else "<="
-    return stream, f"weights {gib(size)} {relation} {STREAM_FRACTION:.0%} of {gib(free)} available memory"
+    return stream, f"{what} {gib(size)} {relation} {STREAM_FRACTION:.0%} of {gib(free)} available memory"

@@ -323,3 +323,31 @@ def test_processor_config_disagreeing_with_vision_is_refused(copy):
     (copy / "processor_config.json").write_text(json.dumps({"image_seq_length": 256}))
     with pytest.raises(DyVTEError, match="256 image tokens a tile.*gives 16"):
         InternVL().load(copy)
+
+
+@pytest.mark.parametrize("image_turn", [0, 1])
+def test_a_conversation_equals_internvl_processor_chat_template(folder, model, image_turn):
+    """System + user + assistant + user turns, the image in the first or the last user turn: the
+    same ids as transformers' InternVLProcessor.apply_chat_template on the same messages."""
+    from engines.core.prompt import Turn
+
+    pil = image("one_tile", seed=6)
+    users = ["what is this?", QUESTION]
+    turns = [Turn("system", "be brief."), Turn("user", users[0], image_turn == 0), Turn("assistant", "a picture."),
+             Turn("user", users[1], image_turn == 1)]
+    prompt = model.processor.build_chat(turns, pil)
+
+    def content(text, with_image):
+        return ([{"type": "image", "image": pil}] if with_image else []) + [{"type": "text", "text": text}]
+
+    messages = [{"role": "system", "content": [{"type": "text", "text": "be brief."}]},
+                {"role": "user", "content": content(users[0], image_turn == 0)},
+                {"role": "assistant", "content": [{"type": "text", "text": "a picture."}]},
+                {"role": "user", "content": content(users[1], image_turn == 1)}]
+    theirs = internvl_processor(folder, (folder / "chat_template.jinja").read_text()).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert prompt.input_ids == theirs["input_ids"][0].tolist()
+    torch.testing.assert_close(prompt.pixel_values, theirs["pixel_values"], rtol=0, atol=0)
+    # one user turn is exactly `build`
+    assert model.processor.build_chat([Turn("user", QUESTION, True)], pil).input_ids == \
+        model.processor.build(QUESTION, pil).input_ids

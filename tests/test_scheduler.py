@@ -1,6 +1,8 @@
 """In-flight batching: requests that arrive while others decode join the running batch, and every
 request still gets exactly what it gets alone (tokens and exit layer), greedy or sampled."""
 
+import time
+
 import pytest
 import torch
 
@@ -52,6 +54,18 @@ def test_requests_arriving_during_decode_join_and_equal_their_solo_runs(runtime,
     assert results[2].visual_tokens_dropped == 0 and results[0].visual_tokens_dropped == prompts[0].num_visual
     assert max(scheduler.stats["batch_sizes"]) > 1  # they really ran together
     assert scheduler.stats["prefills"] < len(prompts)  # and some were prefilled together
+    assert max(scheduler.stats["prefill_sizes"]) > 1
+    assert sum(scheduler.stats["prefill_sizes"].values()) == scheduler.stats["prefills"]
+
+
+def test_a_request_without_token_events_gets_only_its_result(runtime, prompts, scheduler):
+    """`tokens=False` (the server's non-streamed answers): one `done` event, the same result."""
+    streamed = scheduler.submit(prompts[3], SamplingParams(max_tokens=6)).result()
+    quiet = scheduler.submit(prompts[3], SamplingParams(max_tokens=6), tokens=False)
+    events = list(quiet)
+    assert [e.kind for e in events] == ["done"]
+    assert events[0].result.token_ids == streamed.token_ids and events[0].result.text == streamed.text
+    assert quiet.finished is not None and quiet.finished >= quiet.submitted
 
 
 def test_streamed_text_adds_up_to_the_answer_and_timings_are_reported(runtime, prompts, scheduler):
@@ -176,3 +190,18 @@ def test_an_internal_prefill_error_fails_only_its_request(runtime, prompts):
     for i in (0, 1, 3):
         assert outcomes[i].kind == "done"
         assert outcomes[i].result.token_ids == solo(runtime, prompts[i], SamplingParams(max_tokens=3))[0]
+
+
+def test_queue_depth_is_re_reported_while_idle(runtime):
+    """A gauge exporter may export a value once after it is set (Ray's does): the engine loop
+    reports the queue depth every `depth_interval_s` even when nothing happens."""
+    s = Scheduler(runtime, max_batch=2, max_queue=2)
+    s.depth_interval_s = 0.1
+    reports = []
+    s.observers.append(lambda name, value: reports.append(value) if name == "queue_depth" else None)
+    s.start()
+    try:
+        time.sleep(0.75)
+    finally:
+        s.stop()
+    assert 4 <= len(reports) <= 12 and set(reports) == {0}, reports

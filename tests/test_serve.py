@@ -57,12 +57,14 @@ def server(vila_package):
     import ray
     from ray import serve
 
-    from engines.serve.app import build_app
+    from engines.serve.app import SERVE_ENV, apply_serve_env, build_app
 
-    # Ray's workers (the replicas) import this checkout; metrics reach the exporter every second
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_metrics_report_interval_ms")}
+    # Ray's workers (the replicas) import this checkout; metrics reach the exporter every second;
+    # Serve runs with the settings `python -m engines serve` gives it (SERVE_ENV)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_metrics_report_interval_ms", *SERVE_ENV)}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved["PYTHONPATH"]) if p)
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    apply_serve_env()
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              namespace="dyvte-test")
@@ -146,6 +148,29 @@ def test_openai_client_answer_equals_engines_run(client, vila_package, tmp_path,
     assert dyvte["total_ms"] >= dyvte["first_token_ms"] >= dyvte["prefill_ms"] > 0 and dyvte["queue_ms"] >= 0
 
 
+def test_an_answer_says_where_its_time_went_in_server_timing(server):
+    """`Server-Timing` splits the replica's time (parse, image, prepare, engine = dyvte.total_ms,
+    wake, respond); /health counts decode steps per batch size."""
+    question, image = sample_pairs([5])[0]
+    r = post(server, {"model": MODEL, "messages": user(question, data_url(png_bytes(image))), "temperature": 0,
+                      "max_tokens": 4})
+    assert r.status_code == 200
+    from validation.serve_bench import server_timing
+
+    timing = server_timing(r.headers["server-timing"])
+    assert set(timing) == {"parse", "image", "prepare", "engine", "wake", "respond", "replica"}
+    assert all(v >= 0 for v in timing.values()) and timing["image"] > 0 and timing["prepare"] > 0
+    assert abs(timing["engine"] - r.json()["choices"][0]["dyvte"]["total_ms"]) < 2.0
+    parts = sum(v for k, v in timing.items() if k != "replica")
+    assert parts <= timing["replica"] + 0.01 and timing["replica"] - parts < 5.0  # (the gaps: awaits, the submit)
+    replicas = {}
+    for _ in range(16):  # (two replicas: the one that answered reports it)
+        health = httpx.get(f"{server}/health", timeout=30).json()
+        replicas[health["replica"]] = health
+    assert any(sum(h["batch_sizes"].values()) >= 3 and sum(h["prefill_sizes"].values()) >= 1
+               for h in replicas.values()), replicas
+
+
 def test_streamed_answer_equals_the_runtime_and_ends_with_done(client, server, runtime):
     question, image = sample_pairs([3])[0]
     text, ids, exit_layer = solo(runtime, question, image, 7)
@@ -198,6 +223,34 @@ def test_32_concurrent_clients_each_get_their_solo_answer(server, runtime):
         assert body["usage"]["completion_tokens"] == len(ids), f"client {i}"
         assert choice["dyvte"]["exit_layer"] == exit_layer, f"client {i}"
         assert choice["dyvte"]["visual_tokens_dropped"] == (0 if exit_layer is None else 25)
+
+
+@pytest.mark.parametrize("image_turn", [0, 1])
+def test_a_multi_turn_conversation_equals_the_runtime_on_its_chat_prompt(server, client, runtime, image_turn):
+    """system + user + assistant + user, the image in the first or the last user turn ('developer'
+    is OpenAI's newer 'system'): the answer, streamed and not, is `Runtime.generate` on
+    `Runtime.prepare_chat` of the same turns (greedy), and its prompt is not the last turn's alone."""
+    from engines.core.prompt import Turn
+
+    question, image = sample_pairs([2 + image_turn])[0]
+    url = data_url(png_bytes(image))
+    texts = ["look at this.", question]
+    messages = [{"role": "developer" if image_turn else "system", "content": "answer in one word."}]
+    messages += user(texts[0], url if image_turn == 0 else None)
+    messages += [{"role": "assistant", "content": [{"type": "text", "text": "i see."}]}]
+    messages += user(texts[1], url if image_turn == 1 else None)
+    turns = [Turn("system", "answer in one word."), Turn("user", texts[0], image_turn == 0),
+             Turn("assistant", "i see."), Turn("user", texts[1], image_turn == 1)]
+    prompt = runtime.prepare_chat(turns, image)
+    assert prompt.input_ids != runtime.prepare(texts[1], image).input_ids
+    (expected,) = runtime.generate([prompt], "dynamic", GenerationConfig(max_new_tokens=6))
+    response = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.prompt_tokens == len(prompt.input_ids)
+    assert response.choices[0].model_extra["dyvte"]["exit_layer"] == expected.exit_layer
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
 
 
 def test_an_image_url_is_fetched_over_http(server, runtime):
@@ -326,8 +379,21 @@ def bad_requests():
         ("negative seed", {**ok, "seed": -1}, KEY, 400, "seed"),
         ("n > 1", {**ok, "n": 2}, KEY, 400, "n"),
         ("too many stops", {**ok, "stop": ["a", "b", "c", "d", "e"]}, KEY, 400, "stop"),
-        ("a system turn", {**ok, "messages": [{"role": "system", "content": "be brief"}] + ok["messages"]},
-         KEY, 400, "one user turn"),
+        ("a tool message", {**ok, "messages": ok["messages"] + [{"role": "tool", "content": "42"}]},
+         KEY, 400, "unsupported message role 'tool'"),
+        ("ends with an assistant turn", {**ok, "messages": ok["messages"] + [{"role": "assistant", "content": "a"}]},
+         KEY, 400, "end with a user message"),
+        ("a system message after a user turn", {**ok, "messages": ok["messages"] + [
+            {"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, KEY, 400, "system messages"),
+        ("an image in an assistant turn", {**ok, "messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": user("a", good_url)[0]["content"]},
+            {"role": "user", "content": "q"}]}, KEY, 400, "only be in user messages"),
+        ("images in two user turns", {**ok, "messages": user("a", good_url) + [{"role": "assistant", "content": "b"}]
+                                      + user(question, good_url)}, KEY, 400, "at most 1 image"),
+        ("an assistant turn without content", {**ok, "messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": None},
+                                                                  {"role": "user", "content": "q"}]},
+         KEY, 400, "content is required"),
         ("wrong API key", ok, "wrong-key", 401, "API key"),
         ("missing API key", ok, None, 401, "API key"),
     ]
@@ -373,18 +439,29 @@ def test_prometheus_metrics_are_exported_through_ray(server):
 
     assert [r.status_code for r in asyncio.run(burst())] == [200] * 24
 
+    # Ray exports asynchronously (and a gauge only after it is set: the replicas re-set the queue
+    # depth every second): scrape until every metric has been seen and the batch sizes are in, or
+    # the deadline; a metric that never shows up fails
     port = ray.nodes()[0]["MetricsExportPort"]
-    deadline, text = time.monotonic() + 60, ""
     names = ("ray_dyvte_exit_layer_bucket", "ray_dyvte_batch_size_sum", "ray_dyvte_time_to_first_token_ms_count",
              "ray_dyvte_generated_tokens_total", "ray_dyvte_queue_depth")
+    deadline, seen, text = time.monotonic() + 90, set(), ""
+
+    def complete(text):
+        return seen == set(names) and _value(text, "ray_dyvte_batch_size_sum") > \
+            _value(text, "ray_dyvte_batch_size_count") > 0 and _value(text, "ray_dyvte_generated_tokens_total") > 32
+
     while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(n in text for n in names) and _value(text, "ray_dyvte_batch_size_sum") > \
-                _value(text, "ray_dyvte_batch_size_count") > 0:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except httpx.HTTPError:  # the exporter not answering yet
+            time.sleep(1)
+            continue
+        seen |= {n for n in names if n in text}
+        if complete(text):
             break
-        time.sleep(2)
-    missing = [n for n in names if n not in text]
-    assert not missing, missing
+        time.sleep(1)
+    assert seen == set(names), sorted(set(names) - seen)
     assert _value(text, "ray_dyvte_batch_size_sum") > _value(text, "ray_dyvte_batch_size_count") > 0  # mean > 1
     assert _value(text, "ray_dyvte_generated_tokens_total") > 32
 

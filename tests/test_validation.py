@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sample_prompts
 from helpers import perturb_weight
 from validation.parity import DEFAULT_THRESHOLDS, RunnerOutput, compare, validate_package
 
@@ -96,3 +97,66 @@ def test_near_ties_are_listed_apart_from_real_disagreements():
     result = compare(ref, real, limits)
     assert [d["sample"] for d in result["exit_disagreements"]] == [1]
     assert result["exit_layer_agreement"] == 0.5 and not result["checks"]["exit_layers"]
+
+
+def _numbers(report):
+    ort = report.data["backends"]["onnxruntime"]
+    return ort, {stage: e for stage, e in ort["stages"].items()}
+
+
+def test_low_memory_report_equals_the_normal_one(vila_package, vila_exit_model, tmp_path):
+    """Graph by graph (one weighty ONNX Runtime session at a time, decode segment by segment) the
+    report has the same numbers: every stage's errors within 1e-6, the same exits and tokens."""
+    normal = validate_package(vila_package, model=vila_exit_model, speed_repeats=0, count=4,
+                              max_new_tokens=4, report_dir=tmp_path / "normal", low_memory=False)
+    low = validate_package(vila_package, model=vila_exit_model, speed_repeats=1, count=4,
+                           max_new_tokens=4, report_dir=tmp_path / "low", low_memory=True)
+    assert normal.data["low_memory"]["on"] is False and low.data["low_memory"]["on"] is True
+    assert "--low-memory-report given" in low.data["low_memory"]["why"]
+    assert low.passed and normal.passed
+    (a, a_stages), (b, b_stages) = _numbers(normal), _numbers(low)
+    assert a["exit_layers"] == b["exit_layers"] and a["token_agreement"] == b["token_agreement"]
+    assert a_stages.keys() == b_stages.keys() and {"vision", "router 0", "logits"} <= set(a_stages)
+    for stage in a_stages:
+        for key in ("max_abs", "max_rel", "min_cosine"):
+            assert abs(a_stages[stage][key] - b_stages[stage][key]) <= 1e-6, (stage, key)
+    assert "onnxruntime" not in low.data["speed"]  # its latency would be the sessions' opening
+    assert "graph by graph" in low.summary()
+
+
+def test_graph_by_graph_holds_one_weighty_session(vila_package, monkeypatch):
+    from engines.backends import onnxruntime_backend as ob
+    from engines.load import open_package
+
+    opened, most = [], [0]
+    real_open = ob.OnnxRuntimeBackend._open
+
+    def counting_open(self, name):
+        opened.append(name)
+        session = real_open(self, name)
+        held = [n for n in self.sessions if n not in ob.RESIDENT and n != name]
+        most[0] = max(most[0], len(held) + (name not in ob.RESIDENT))
+        return session
+
+    monkeypatch.setattr(ob.OnnxRuntimeBackend, "_open", counting_open)
+    runtime = open_package(vila_package, verify=False, sessions="graph-by-graph")
+    assert set(opened) == ob.RESIDENT  # nothing else opened at load
+    runtime.generate(sample_prompts(runtime, 2), "dynamic")
+    assert most[0] == 1 and "decode" not in opened and "decoder.00-00" in opened
+    runtime.backend.release()
+    assert set(runtime.backend.sessions) <= ob.RESIDENT
+
+
+def test_low_memory_report_is_chosen_when_the_weights_do_not_fit(vila_package, vila_exit_model, monkeypatch):
+    from engines.core.manifest import Manifest
+    from exporter import streaming
+    from exporter.reference import package_reference
+    from validation.parity import choose_low_memory
+
+    manifest = Manifest.load(vila_package)
+    reference = package_reference(vila_package, manifest, model=vila_exit_model)
+    assert choose_low_memory(manifest, reference, None)[0] is False
+    monkeypatch.setattr(streaming, "available_memory", lambda: manifest.weights.parameter_bytes)
+    on, why = choose_low_memory(manifest, reference, None)
+    assert on and "ONNX Runtime weights" in why and "available memory" in why
+    assert choose_low_memory(manifest, reference, False)[0] is False

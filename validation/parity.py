@@ -218,6 +218,9 @@ class ParityReport:
             if b["failed_stages"]:
                 lines.append(f"  {'':12s} first diverging stage: {b['first_failed_stage']} "
                              f"(over threshold: {', '.join(b['failed_stages'])})")
+        low = self.data.get("low_memory") or {}
+        if low.get("on"):
+            lines.append(f"  onnxruntime ran graph by graph ({low.get('why')}): no latency figures")
         if self.data.get("json"):
             lines.append(f"  report: {self.data['json']}")
         if self.data.get("html"):
@@ -285,9 +288,17 @@ def speed_section(manifest, prompt, runners: dict, exit_layer: int | None, repea
 
 def validate_package(package, model=None, images=None, prompts=None, thresholds: dict | None = None,
                      backends=("onnxruntime", "tensorrt"), max_new_tokens: int = 8, progress: bool = True,
-                     count: int = 8, speed_repeats: int = 3, report_dir=None) -> ParityReport:
+                     count: int = 8, speed_repeats: int = 3, report_dir=None, low_memory: bool | None = None,
+                     on_stage=None) -> ParityReport:
     """Parity of `package`; the report goes to `report_dir` (default: the package's `report/`),
-    which is checked to be writable before any work."""
+    which is checked to be writable before any work.
+
+    `low_memory` (None: chosen by `choose_low_memory`) runs ONNX Runtime graph by graph (one
+    weighty session open at a time, no fused decode graph; `OnnxRuntimeBackend(sessions=...)`), so
+    a model whose package does not fit in memory (or, fp16 on CPU, whose float32 copies do not) is
+    validated within the streaming budget; it gives the same numbers as the normal path (tested)
+    and skips the latency measurements of that runner. `on_stage(name)` is called after the
+    reference's run ("pytorch") and each backend's ("onnxruntime", ...), e.g. to read peak memory."""
     from engines.core.manifest import Manifest
     from engines.load import open_package
     from exporter.output import check_writable_folder
@@ -301,9 +312,12 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
     precision = manifest.precision.name
     limits = {**DEFAULT_THRESHOLDS[precision], **(thresholds or {})}
     reference = package_reference(package, manifest, model)
+    low_memory, low_memory_why = choose_low_memory(manifest, reference, low_memory)
     samples = sample_prompts(reference, images, prompts, count=count)
     dynamic = bool(manifest.split.router_layers)
     ref = run_runner(reference, samples, max_new_tokens, dynamic)
+    if on_stage is not None:
+        on_stage("pytorch")
     results, runners = {}, {"pytorch": reference}
     for name in backends:
         if name == "tensorrt":
@@ -311,13 +325,20 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
             if reason:
                 results[name] = {"passed": None, "skipped": reason}
                 continue
+        options = {"sessions": "graph-by-graph"} if low_memory and name == "onnxruntime" else {}
         try:
-            runtime = open_package(package, backend=name, verify=False)
+            runtime = open_package(package, backend=name, verify=False, **options)
         except DyVTEError as exc:
             results[name] = {"passed": None, "skipped": str(exc)}
             continue
         results[name] = compare(ref, run_runner(runtime, samples, max_new_tokens, dynamic), limits)
-        runners[name] = runtime
+        if on_stage is not None:
+            on_stage(name)
+        if options:  # graph by graph: its latency would be the sessions' opening; close what is open
+            runtime.backend.release()
+            del runtime
+        else:
+            runners[name] = runtime
     ran = [r for r in results.values() if r.get("passed") is not None]
     exits = sorted(e for e in ref.exit_layers if e is not None)
     boundaries = manifest.split.exit_boundaries
@@ -329,6 +350,7 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
         "precision": precision,
         "thresholds": limits,
         "policy": "dynamic" if dynamic else "none",
+        "low_memory": {"on": low_memory, "why": low_memory_why},
         "reference": {"exit_layers": ref.exit_layers, "seconds": round(ref.seconds, 3)},
         "backends": results,
         "speed": speed,
@@ -344,6 +366,21 @@ def validate_package(package, model=None, images=None, prompts=None, thresholds:
         raise DyVTEError(f"cannot write the report into {report_dir}: {exc.strerror or exc}; "
                          "pass --report-dir DIR to write it elsewhere") from None
     return ParityReport(data)
+
+
+def choose_low_memory(manifest, reference, forced: bool | None) -> tuple[bool, str]:
+    """Whether the report runs ONNX Runtime graph by graph, and why: forced, or when the reference
+    runs on streamed weights, or by the streaming rule (`exporter.streaming.exceeds_memory`) on what
+    the ONNX Runtime sessions would hold (the package's weights; twice that for fp16 on CPU, whose
+    MatMul weights ONNX Runtime keeps as float32 copies)."""
+    from exporter.streaming import exceeds_memory, is_streamed
+
+    flags = ("--low-memory-report", "--no-low-memory-report")
+    size = manifest.weights.parameter_bytes * (2 if manifest.precision.name == "fp16" else 1)
+    if forced is None and is_streamed(reference.backend.model):
+        return True, "the reference streams its weights"
+    on, why = exceeds_memory(size, forced, "ONNX Runtime weights", flags)
+    return on, why
 
 
 def tensorrt_unavailable() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
     parser.add_argument("--report-dir", help="folder for parity.json/parity.html (default: PACKAGE/report)")
-
+    parser.add_argument("--low-memory-report", action=argparse.BooleanOptionalAction, default=None,
+                        help="run ONNX Runtime graph by graph (one graph's session open at a time): slower, bounded "
+                             "memory (default: when the reference streams or the weights exceed half the available "
+                             "memory)")
 
 def read_thresholds(path: str | None) -> dict | None:
     """The `--thresholds` file: a JSON object of known threshold names -> finite numbers in range."""
@@ -62,6 +66,6 @@ def run(args) -> int:
     report = validate_package(args.package, images=args.images, prompts=args.prompts,
                               thresholds=read_thresholds(args.thresholds), count=args.samples,
                               max_new_tokens=args.max_new_tokens, speed_repeats=0 if args.no_speed else 3,
-                              report_dir=args.report_dir)
+                              report_dir=args.report_dir, low_memory=args.low_memory_report)
     print(report.summary())
     return 0 if report.passed else 1

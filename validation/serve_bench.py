@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per graph in the replica")
     parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--serve-defaults", action="store_true",
+                        help="Ray Serve's own defaults instead of engines.serve.app.SERVE_ENV (the comparison)")
     parser.add_argument("--json", help="also write the results here")
 
 
@@ -95,13 +97,29 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:
     }
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """A `Server-Timing` header (`name;dur=ms, ...`) as {name: ms}."""
+    out = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            out[name] = float(rest[4:])
+    return out
+
+
 def _overhead(url: str, bodies: list[dict]) -> dict:
-    """Concurrency 1, request by request: client latency minus the runtime's own time."""
+    """Concurrency 1, request by request: client latency minus the runtime's own time, and where
+    the rest goes (the replica's `Server-Timing`: outside = client latency minus the replica's time)."""
     import httpx
 
-    diffs, own, lat = [], [], []
+    diffs, own, lat, parts = [], [], [], {}
     with httpx.Client(timeout=300) as http:
         http.post(f"{url}/v1/chat/completions", json=bodies[0])  # connection + warm-up
+        health = []
+        for _ in range(32):
+            t0 = time.perf_counter()
+            http.get(f"{url}/health")
+            health.append(1e3 * (time.perf_counter() - t0))
         for body in bodies:
             t0 = time.perf_counter()
             r = http.post(f"{url}/v1/chat/completions", json=body)
@@ -110,8 +128,30 @@ def _overhead(url: str, bodies: list[dict]) -> dict:
             diffs.append(ms - total)
             own.append(total)
             lat.append(ms)
+            timing = server_timing(r.headers.get("server-timing", ""))
+            if "replica" in timing:
+                timing["outside"] = ms - timing["replica"]
+            for name, value in timing.items():
+                parts.setdefault(name, []).append(value)
     return {"latency_ms_p50": statistics.median(lat), "runtime_ms_p50": statistics.median(own),
-            "overhead_ms_p50": statistics.median(diffs), "overhead_ms_p90": sorted(diffs)[int(0.9 * len(diffs))]}
+            "overhead_ms_p50": statistics.median(diffs), "overhead_ms_p90": sorted(diffs)[int(0.9 * len(diffs))],
+            "health_ms_p50": statistics.median(health),
+            "parts_ms_p50": {name: statistics.median(values) for name, values in parts.items()}}
+
+
+def _batch_sizes(url: str) -> tuple[dict, dict]:
+    """The replica's counters (one replica): decode steps per batch size, prefills per request count."""
+    import httpx
+
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    return ({int(k): v for k, v in health["batch_sizes"].items()},
+            {int(k): v for k, v in health["prefill_sizes"].items()})
+
+
+def _mean_since(now: dict, before: dict) -> float:
+    diff = {k: v - before.get(k, 0) for k, v in now.items()}
+    n = sum(diff.values())
+    return sum(k * v for k, v in diff.items()) / n if n else float("nan")
 
 
 def engine_only(package: str, levels: list[int], n: int, max_tokens: int, max_batch: int, threads: int) -> dict:
@@ -151,7 +191,7 @@ def run(args) -> int:
     from ray import serve
 
     from engines.core.errors import DyVTEError
-    from engines.serve.app import build_app
+    from engines.serve.app import apply_serve_env, build_app
 
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -171,6 +211,9 @@ def run(args) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
+        env = {} if args.serve_defaults else apply_serve_env()
+        print("Ray Serve environment: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "Serve's defaults"),
+              flush=True)
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         results: dict[str, list[dict]] = {}
         overhead = {}
@@ -187,11 +230,15 @@ def run(args) -> int:
                     overhead = _overhead(url, bodies[:32])
                 results[name] = []
                 for c in levels:
+                    steps0, prefills0 = _batch_sizes(url)
                     row = asyncio.run(_load(url, bodies[:max(args.requests, c)], c))
+                    steps1, prefills1 = _batch_sizes(url)
+                    row["mean_batch"] = _mean_since(steps1, steps0)
+                    row["mean_prefill"] = _mean_since(prefills1, prefills0)
                     results[name].append(row)
                     print(f"{name:>20} c={c:<3} {row['requests_per_s']:7.1f} req/s {row['tokens_per_s']:8.1f} tok/s "
-                          f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms errors {row['errors']}",
-                          flush=True)
+                          f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms errors {row['errors']} "
+                          f"batch {row['mean_batch']:.1f} prefill {row['mean_prefill']:.1f}", flush=True)
                 serve.delete("bench")
         finally:
             serve.shutdown()
@@ -209,18 +256,24 @@ def run(args) -> int:
 
 
 def table(results: dict, overhead: dict, levels: list[int]) -> str:
-    lines = ["| concurrency | contender | requests/s | tokens/s | p50 ms | p99 ms | vs one-at-a-time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| concurrency | contender | requests/s | tokens/s | p50 ms | p99 ms | vs one-at-a-time | mean decode batch "
+             "| mean prefill batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {r["concurrency"]: r["requests_per_s"] for r in results.get("one-at-a-time", [])}
     for i, c in enumerate(levels):
         for name, rows in results.items():
             r = rows[i]
             ratio = r["requests_per_s"] / base[c] if base.get(c) else float("nan")
             lines.append(f"| {c} | {name} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {ratio:.2f}x |")
+                         f"{r['p99_ms']:.1f} | {ratio:.2f}x | {r.get('mean_batch', float('nan')):.1f} | "
+                         f"{r.get('mean_prefill', float('nan')):.1f} |")
     if overhead:
         lines.append("")
         lines.append(f"concurrency 1, in-flight: client latency p50 {overhead['latency_ms_p50']:.1f} ms, the runtime's "
                      f"own time p50 {overhead['runtime_ms_p50']:.1f} ms, HTTP + Ray overhead p50 "
-                     f"{overhead['overhead_ms_p50']:.1f} ms (p90 {overhead['overhead_ms_p90']:.1f} ms)")
+                     f"{overhead['overhead_ms_p50']:.1f} ms (p90 {overhead['overhead_ms_p90']:.1f} ms); GET /health "
+                     f"{overhead['health_ms_p50']:.1f} ms")
+        if overhead.get("parts_ms_p50"):
+            lines.append("where it goes, p50 ms (Server-Timing; outside = latency minus the replica's time): " + ", ".join(
+                f"{name} {value:.2f}" for name, value in overhead["parts_ms_p50"].items()))
     return "\n".join(lines)

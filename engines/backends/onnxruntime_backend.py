@@ -11,8 +11,10 @@ it (`SessionOptions.add_external_initializers`). Measured on CPU, handing OrtVal
 map to a session makes ONNX Runtime 1.32 copy them (595 MiB anonymous for the decode graph at the
 bench shape, against 5 MiB when it maps the file itself), so that path (`weights="ortvalues"`) is
 the CUDA default only. Prepacking (a private, re-laid-out copy of each MatMul weight per session) is
-off by default: it would hold every MatMul weight a second time (twice with the fused decode graph),
-and prefill measured within 1% without it (`python -m validation memory --speed`). Every run asks ONNX Runtime to
+off for every session but the fused decode graph's: the prefill graphs read the mapped weights (prefill
+measured within 1% without prepacking, `python -m validation memory --speed`), while the decode
+graph's one-row products run 0.78x the time on packed weights (issue 13), for one packed copy of the
+decoder weights (`prepack="none"` drops it). Every run asks ONNX Runtime to
 shrink its arena afterwards, so a session's arena does not stay at the high-water mark of the
 largest batch it ever ran.
 """
@@ -91,6 +93,10 @@ class SharedWeights:
 
 
 _ENV_ARENA = False
+SESSION_MODES = ("all", "graph-by-graph")
+# graph by graph, these stay open: they gather the rows they read (token embeddings, one router's
+# weights), so only those pages become resident, and they run between every two segments
+RESIDENT = frozenset({"embed", "hypernet"})
 PREPACK = ("decode", "none", "prefill", "all")
 
 
@@ -113,20 +119,29 @@ def _register_env_arena(ort) -> None:
 class OnnxRuntimeBackend(PackageBackend):
     def __init__(self, package: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  spin: bool = False, weights: str = "auto", prepack: str = "auto",
-                 shrink_arena: bool | None = None, shared_arena: bool | None = None):
+                 shrink_arena: bool | None = None, shared_arena: bool | None = None, sessions: str = "all"):
         """`weights`: "mmap" (ONNX Runtime maps weights.bin in every session: one page-cache copy;
         the CPU default), "ortvalues" (one OrtValue per stored tensor, on the session's device, given
         to every session: the CUDA default), "auto";
         `prepack`: which sessions let ONNX Runtime prepack their weights (a private copy each):
         "decode" (the CPU default: only the fused decode graph, one packed copy of the decoder's
-        weights, which MLAS' M=1 products read faster than the mapped file: decode measured 10-20%
-        faster at the bench shape), "none" (every session reads the mapped weights only: the least
-        memory; the default elsewhere), "prefill" (all but the fused decode graph), "all" (the
+        weights, which MLAS' one-row products read faster than the mapped file: decode measured
+        0.78x the time at the bench shape), "none" (every session reads the mapped weights only: the
+        least memory; the default elsewhere), "prefill" (all but the fused decode graph), "all" (the
         behaviour before issue 10), "auto";
         `shared_arena` (CPU; the CPU default): every session allocates from one process-wide arena
         (ONNX Runtime's environment allocator) instead of its own, so the arena follows the largest
         single run, not the sum over sessions; `shrink_arena` (the default where no arena is shared,
-        i.e. CUDA): every run returns its arena's free chunks afterwards (costs prefill ~30% on CPU)."""
+        i.e. CUDA): every run returns its arena's free chunks afterwards (costs prefill ~30% on CPU);
+        `sessions`: "all" (every graph's session opened at load and kept) or "graph-by-graph" (the
+        low-memory mode of the parity report on large models: a session is opened when its graph
+        is first run and closed when another weighty graph is needed, so one graph's weights are
+        resident at a time; the embedding and the hyper-network, which read only the rows they
+        gather, stay open; the fused decode graph, which holds every weight, is not used: decode
+        runs segment by segment). On CPU an fp16 package's MatMul weights become float32 copies at
+        session creation (measured: each segment session holds twice its fp16 weight bytes in
+        anonymous memory), so all sessions together hold twice the package, four times with the
+        fused decode graph; graph by graph, one graph's copy at a time."""
         import onnxruntime as ort
 
         super().__init__(package, manifest)
@@ -155,47 +170,74 @@ class OnnxRuntimeBackend(PackageBackend):
         if shrink_arena is None:
             shrink_arena = not shared_arena
         self.weights = SharedWeights(self.package / "graphs", self._ort_device) if weights == "ortvalues" else None
+        if sessions not in SESSION_MODES:
+            raise DyVTEError(f"unknown sessions setting {sessions!r}; choose {' or '.join(SESSION_MODES)}")
+        self.graph_by_graph = sessions == "graph-by-graph"
+        self._ort, self._providers = ort, providers
+        self._options = dict(threads=threads, spin=spin, shared_arena=shared_arena, prepack=prepack)
         self.sessions = {}
         for graph in manifest.graphs:
-            path = self.graph_path(graph)
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.log_severity_level = 3
-            if threads:
-                options.intra_op_num_threads = threads
-            # Every graph has its own session and thread pool; threads left spinning after one graph's
-            # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-            if shared_arena:
-                _register_env_arena(ort)
-                options.add_session_config_entry("session.use_env_allocators", "1")
-            # quantized packages: MatMulNBits runs on prepacked weights (measured >10x slower without, int4
-            # LM head); their packed copies are small
-            if not manifest.precision.quantized and not _prepacks(prepack, graph.name):
-                options.add_session_config_entry("session.disable_prepacking", "1")
-            try:
-                if self.weights is not None:
-                    names, values = self.weights.initializers(path)
-                    if names:
-                        options.add_external_initializers(names, values)
-                self.sessions[graph.name] = ort.InferenceSession(str(path), options, providers=providers)
-            except DyVTEError:
-                raise
-            except Exception as exc:
-                raise DyVTEError(f"onnxruntime cannot load {graph.file}: {str(exc).splitlines()[0]}") from exc
+            if not self.graph_by_graph or graph.name in RESIDENT:
+                self.sessions[graph.name] = self._open(graph.name)
         self.run_options = ort.RunOptions()
         if shrink_arena:
             arenas = "cpu:0" if device == "cpu" else "cpu:0;gpu:0"
             self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         # one run per generated token instead of one per graph
-        self.fused_decode = manifest.has_graph("decode")
+        self.fused_decode = manifest.has_graph("decode") and not self.graph_by_graph
         self.providers = providers
+
+    def _open(self, name: str):
+        """A new InferenceSession for graph `name`, with this backend's options."""
+        ort, opts = self._ort, self._options
+        graph = self.manifest.graph(name)
+        path = self.graph_path(graph)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if opts["threads"]:
+            options.intra_op_num_threads = opts["threads"]
+        # Every graph has its own session and thread pool; threads left spinning after one graph's
+        # run steal the cores the next graph needs (measured: 6x slower decode on a tiny model).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts["spin"] else "0")
+        if opts["shared_arena"]:
+            _register_env_arena(ort)
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        # quantized packages: MatMulNBits runs on prepacked weights (measured >10x slower without, int4
+        # LM head); their packed copies are small
+        if not self.manifest.precision.quantized and not _prepacks(opts["prepack"], graph.name):
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            if self.weights is not None:
+                names, values = self.weights.initializers(path)
+                if names:
+                    options.add_external_initializers(names, values)
+            return ort.InferenceSession(str(path), options, providers=self._providers)
+        except DyVTEError:
+            raise
+        except Exception as exc:
+            raise DyVTEError(f"onnxruntime cannot load {graph.file}: {str(exc).splitlines()[0]}") from exc
+
+    def _session(self, name: str):
+        """The session of graph `name`; graph by graph, opened now and the other weighty one closed."""
+        session = self.sessions.get(name)
+        if session is None:
+            for other in [n for n in self.sessions if n not in RESIDENT]:
+                del self.sessions[other]
+            session = self.sessions[name] = self._open(name)
+        return session
+
+    def release(self) -> None:
+        """Graph by graph: close the sessions opened on demand (the resident ones stay)."""
+        if self.graph_by_graph:
+            for other in [n for n in self.sessions if n not in RESIDENT]:
+                del self.sessions[other]
 
     # ------------------------------------------------------------------ binding
 
     def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple]) -> list[torch.Tensor]:
         """Run graph `name` with inputs bound in place and outputs written into new torch tensors."""
-        session = self.sessions[name]
+        session = self._session(name)
         binding = session.io_binding()
         keep = []
         for key, tensor in inputs.items():

@@ -32,6 +32,47 @@ class Prompt:
         return 0 if self.visual_span is None else self.visual_span[1] - self.visual_span[0]
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: `role` system | user | assistant; `image` True on the user
+    turn that holds the conversation's (one) image, which goes before that turn's text."""
+
+    role: str
+    text: str
+    image: bool = False
+
+
+def chat_turns(turns: list[Turn]) -> tuple[str | None, list[Turn]]:
+    """(system text or None, user/assistant turns) of a conversation, checked: system messages
+    only first (joined by newlines), then turns from `user` to a final `user`; consecutive messages
+    of one role are joined by newlines (into one turn); at most one image, in a user turn."""
+    roles = ("system", "user", "assistant")
+    for t in turns:
+        if t.role not in roles:
+            raise DyVTEError(f"unsupported message role {t.role!r} (supported: {', '.join(roles)})")
+        check_text(t.text)
+        if t.image and t.role != "user":
+            raise DyVTEError(f"an image can only be in a user message, not in a {t.role} message")
+    if sum(t.image for t in turns) > 1:
+        raise DyVTEError(f"this model takes at most 1 image per conversation (got {sum(t.image for t in turns)})")
+    lead = 0
+    while lead < len(turns) and turns[lead].role == "system":
+        lead += 1
+    system = "\n".join(t.text for t in turns[:lead]) if lead else None
+    merged: list[Turn] = []
+    for t in turns[lead:]:
+        if t.role == "system":
+            raise DyVTEError("system messages must come before the user and assistant messages")
+        if merged and merged[-1].role == t.role:
+            last = merged[-1]
+            merged[-1] = Turn(t.role, f"{last.text}\n{t.text}", last.image or t.image)
+        else:
+            merged.append(t)
+    if not merged or merged[0].role != "user" or merged[-1].role != "user":
+        raise DyVTEError("a conversation must start and end with a user message (after any system message)")
+    return system, merged
+
+
 def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
@@ -118,18 +159,25 @@ class Processor:
     # -------------------------------------------------------------- text
 
     def render(self, question: str, has_image: bool) -> str:
+        return self.render_chat([Turn("user", question, has_image)])
+
+    def render_chat(self, turns: list[Turn]) -> str:
+        """The family's prompt for a conversation (see `chat_turns`), ending in the open assistant turn."""
         spec = self.spec
+        system, turns = chat_turns(turns)
         if spec.template.startswith("conversation:"):
             from engines.core.templates import get_template
 
-            text = get_template(spec.template.split(":", 1)[1]).render(question, has_image)
+            pairs = [(t.role, f"{IMAGE_PLACEHOLDER}\n{t.text}" if t.image else t.text) for t in turns]
+            text = get_template(spec.template.split(":", 1)[1]).render_chat(pairs, system)
             return text.replace(IMAGE_PLACEHOLDER, spec.image_marker)
         if spec.template == "chat_template":
-            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], chat_template=spec.chat_template,
-                add_generation_prompt=True, tokenize=False,
-            )
+            messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
+            for t in turns:
+                content = ([{"type": "image"}] if t.image else []) + [{"type": "text", "text": t.text}]
+                messages.append({"role": t.role, "content": content})
+            return self.tokenizer.apply_chat_template(messages, chat_template=spec.chat_template,
+                                                      add_generation_prompt=True, tokenize=False)
         raise DyVTEError(f"unknown prompt template kind {spec.template!r}")
 
     def _encode(self, text: str, special: bool) -> list[int]:
@@ -149,9 +197,19 @@ class Processor:
     # -------------------------------------------------------------- both
 
     def build(self, question: str, image: Image.Image | None) -> Prompt:
-        spec = self.spec
         check_text(question)
-        text = self.render(question, image is not None)
+        return self._tokenize(self.render(question, image is not None), image)
+
+    def build_chat(self, turns: list[Turn], image: Image.Image | None = None) -> Prompt:
+        """A conversation's prompt; `image` is the one a turn marks (`Turn.image`), or None."""
+        marked = any(t.image for t in turns)
+        if marked != (image is not None):
+            raise DyVTEError("the image must be given exactly when a user turn holds it" if marked else
+                             "an image was given but no user turn holds it")
+        return self._tokenize(self.render_chat(turns), image)
+
+    def _tokenize(self, text: str, image: Image.Image | None) -> Prompt:
+        spec = self.spec
         if image is None:
             return Prompt(self._encode(text, spec.add_special_tokens), None, None)
         pixel_values = self.transform(image)

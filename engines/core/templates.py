@@ -1,8 +1,9 @@
 """Conversation templates of the original (non-Hugging-Face) layouts: VILA, LLaVA, Eagle.
 
 Data, not code paths: each template is a system text, two roles and separators, rendered the way
-the LLaVA-family `Conversation.get_prompt` does for one user turn followed by an open assistant turn.
-Hugging Face layouts bring a Jinja chat template instead and do not use these.
+the LLaVA-family `Conversation.get_prompt` does for a conversation (system, then user / assistant
+turns) followed by an open assistant turn. Hugging Face layouts bring a Jinja chat template instead
+and do not use these.
 """
 
 from __future__ import annotations
@@ -16,18 +17,33 @@ from engines.core.prompt import IMAGE_PLACEHOLDER
 @dataclass(frozen=True)
 class ConvTemplate:
     name: str
-    system: str
+    system: str  # the default system text (a conversation's system message replaces it)
     user: str
     assistant: str
     style: str  # "two": "ROLE: msg<sep>"; "tagged": role strings carry their own markup
     sep: str
     stop: tuple[str, ...] = ()
+    system_tag: str = ""  # markup before the system text ("tagged" styles)
+    sep2: str | None = None  # "two": after an assistant message (LLaVA's `sep2`); None: `sep`
 
     def render(self, question: str, has_image: bool) -> str:
-        message = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question
+        return self.render_chat([("user", f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question)])
+
+    def render_chat(self, turns: list[tuple[str, str]], system: str | None = None) -> str:
+        """`turns`: (role, text) pairs, roles `user` / `assistant` alternating from `user` to a
+        final `user` (the image placeholder already in its turn's text); `system`: None for the
+        template's own. Ends with the open assistant turn."""
+        head = self.system_tag + (self.system if system is None else system)
         if self.style == "two":
-            return f"{self.system}{self.sep}{self.user}: {message}{self.sep}{self.assistant}:"
-        return f"{self.system}{self.sep}{self.user}{message}{self.sep}{self.assistant}"
+            seps = (self.sep, self.sep if self.sep2 is None else self.sep2)
+            text = head + self.sep
+            for i, (role, message) in enumerate(turns):
+                text += f"{self.user if role == 'user' else self.assistant}: {message}{seps[i % 2]}"
+            return text + f"{self.assistant}:"
+        text = head + self.sep
+        for role, message in turns:
+            text += f"{self.user if role == 'user' else self.assistant}{message}{self.sep}"
+        return text + self.assistant
 
 
 VICUNA_SYSTEM = (
@@ -38,10 +54,10 @@ VICUNA_SYSTEM = (
 TEMPLATES = {
     t.name: t
     for t in (
-        ConvTemplate("vicuna_v1", VICUNA_SYSTEM, "USER", "ASSISTANT", "two", " ", ("</s>",)),
+        ConvTemplate("vicuna_v1", VICUNA_SYSTEM, "USER", "ASSISTANT", "two", " ", ("</s>",), sep2="</s>"),
         ConvTemplate(
             "llama_3",
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language "
+            "You are a helpful language "
             "and vision assistant. You are able to understand the visual content that the user provides, "
             "and assist the user with a variety of tasks using natural language.",
             "<|start_header_id|>user<|end_header_id|>\n\n",
@@ -49,15 +65,17 @@ TEMPLATES = {
             "tagged",
             "<|eot_id|>",
             ("<|eot_id|>", "<|end_of_text|>"),
+            system_tag="<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n",
         ),
         ConvTemplate(
             "hermes_2",
-            "<|im_start|>system\nAnswer the questions.",
+            "Answer the questions.",
             "<|im_start|>user\n",
             "<|im_start|>assistant\n",
             "tagged",
             "<|im_end|>",
             ("<|im_end|>",),
+            system_tag="<|im_start|>system\n",
         ),
     )
 }

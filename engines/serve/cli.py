@@ -43,7 +43,7 @@ def settings_of(args) -> dict:
 def serve_package(args) -> int:
     from engines.core.manifest import Manifest
     from engines.policy import ExitPolicy
-    from engines.serve.app import ServeSettings, build_app
+    from engines.serve.app import ServeSettings, apply_serve_env, build_app
 
     settings = ServeSettings.from_args(settings_of(args))  # refuse bad flags before Ray starts
     Manifest.load(settings.package, verify=True)  # and a damaged package
@@ -52,6 +52,8 @@ def serve_package(args) -> int:
     import ray
     from ray import serve
 
+    if not os.environ.get("RAY_ADDRESS"):  # (a cluster's processes take theirs from `ray start`)
+        apply_serve_env()
     ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=args.ray_num_cpus, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

@@ -1,9 +1,10 @@
 """The OpenAI chat-completions contract as this server speaks it: the request schema (pydantic),
 OpenAI-style error bodies, and the response / `chat.completion.chunk` bodies.
 
-A package's prompt template renders one user turn (text + at most one image, as `python -m engines
-run` does), so a request carries one `user` message whose `content` is a string or a list of
-`text` and `image_url` parts; its text parts, joined by newlines, are the question.
+A request's `messages` (system / developer, user and assistant turns) become the package's own
+chat prompt (`Runtime.prepare_chat`): each message's `content` is a string or a list of `text` and
+`image_url` parts (text parts joined by newlines); the one image a package takes may be in any
+user turn.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engines.core.prompt import Turn
 from engines.scheduler import RequestResult
 
 
@@ -113,20 +115,24 @@ class ChatRequest(BaseModel):
             raise APIError(400, "stop: at most 4 stop sequences", param="stop")
         return tuple(s for s in stops if s)
 
-    def user_turn(self) -> tuple[str, list[ImageURL]]:
-        """(question, image URLs) of the one user message."""
-        if len(self.messages) != 1 or self.messages[0].role != "user":
-            roles = ", ".join(m.role for m in self.messages)
-            raise APIError(400, f"this model's prompt template renders one user turn: send one 'user' message "
-                                f"(got roles: {roles})", param="messages")
-        content = self.messages[0].content
-        if content is None:
-            raise APIError(400, "messages[0].content is required", param="messages.0.content")
-        if isinstance(content, str):
-            return content, []
-        texts = [p.text for p in content if isinstance(p, TextPart)]
-        images = [p.image_url for p in content if isinstance(p, ImagePart)]
-        return "\n".join(texts), images
+    def conversation(self) -> tuple[list[Turn], list[tuple[str, ImageURL]]]:
+        """(turns, [(param, image URL)]) of the messages; `developer` is OpenAI's newer `system`."""
+        turns, images = [], []
+        for i, message in enumerate(self.messages):
+            role = "system" if message.role == "developer" else message.role
+            content = message.content
+            if content is None:
+                raise APIError(400, f"messages[{i}].content is required", param=f"messages.{i}.content")
+            if isinstance(content, str):
+                turns.append(Turn(role, content))
+                continue
+            urls = [p.image_url for p in content if isinstance(p, ImagePart)]
+            if urls and role != "user":
+                raise APIError(400, f"messages[{i}]: images can only be in user messages, not in a {role!r} "
+                                    "message", param=f"messages.{i}.content")
+            images += [(f"messages.{i}.content.image_url", url) for url in urls]
+            turns.append(Turn(role, "\n".join(p.text for p in content if isinstance(p, TextPart)), bool(urls)))
+        return turns, images
 
 
 # ---------------------------------------------------------------------- responses
