@@ -8,7 +8,8 @@ bound of issue 10 is printed term by term: 1.15x the package + 2x the batch's KV
 largest single graph's activations (estimate, `engines.memory.activation_bytes`).
 
 Configurations: `shared` (the runtime's defaults: ONNX Runtime's memory map of the weights in every
-session, no prepacking, arenas shrunk after each run), `prepack-prefill` (the same, the prefill
+session, only the fused decode graph prepacked, one shared arena), `no-prepack` (no session
+prepacks: the weights live in the mapped file only; the default before issue 13), `prepack-prefill` (the same, the prefill
 graphs prepacked), `separate` (every session prepacks its own copy and keeps its arena: the
 behaviour before issue 10). Prefill and
 decode times of the batch of 1 are printed side by side for the speed comparison.
@@ -26,6 +27,7 @@ from pathlib import Path
 CONFIGS = {
     "shared": {},
     "prepack-prefill": {"prepack": "prefill"},
+    "no-prepack": {"prepack": "none"},  # the default before issue 13: the decode graph reads the mapped weights too
     "separate": {"prepack": "all", "shrink_arena": False, "shared_arena": False},
     "env-arena": {"shrink_arena": False, "shared_arena": True},  # = "shared" on CPU since the default
     "shrink": {"shrink_arena": True, "shared_arena": False},  # per-session arenas shrunk after every run
@@ -36,7 +38,7 @@ CONFIGS = {
 def add_arguments(parser) -> None:
     parser.add_argument("--package", help="an exported bench-shape package (default: export one to a temporary folder)")
     parser.add_argument("--preset", default="bench", help="LLaVA preset to export (default: bench)")
-    parser.add_argument("--configs", default="shared,prepack-prefill,separate", help="comma-separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default="shared,no-prepack,separate", help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of the batch of 1 (median)")
