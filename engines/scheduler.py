@@ -386,6 +386,12 @@ class Scheduler:
         gen = request.generation
         gen.generated_ids.append(token)
         request.times.setdefault("first_token", now)
+        if not request.tokens and not request.params.stop:  # nobody reads the text before the end
+            if len(gen.generated_ids) >= request.params.max_tokens:
+                self._finish(request, "length")
+                return False
+            request.next_token = token
+            return True
         text = self.runtime.processor.decode(gen.generated_ids)
         stop_at = _first_stop(text, request.params.stop)
         if stop_at is not None:
@@ -411,6 +417,8 @@ class Scheduler:
     def _finish(self, request: Request, reason: str) -> None:
         end = time.perf_counter()
         t = request.times
+        if not request.tokens and not request.params.stop:  # decoded once, here (see `_accept`)
+            request.text = self.runtime.processor.decode(request.generation.generated_ids)
         if request.sent < len(request.text):  # text held back for a stop string that never came
             if request.tokens:
                 request.channel.put(Event("token", text=request.text[request.sent:]))

@@ -163,6 +163,9 @@ def engine_only(package: str, levels: list[int], n: int, max_tokens: int, max_ba
     from engines.scheduler import SamplingParams, Scheduler
     from exporter.data.synthetic import labelled_sample
 
+    import torch
+
+    torch.set_num_threads(threads)  # as a replica does (engines.serve.app.DyVTEServer)
     runtime = open_package(package, threads=threads)
     samples = [labelled_sample("eval", i)[0] for i in range(n)]
     prompts = [runtime.prepare(s.question, s.image) for s in samples]

@@ -25,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("DYVTE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $DYVTE_API_KEY; none: open)")
     p.add_argument("--model-name", help="the model id clients send (default: the package folder's name)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads per graph in a replica")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per graph in a replica (and torch's; default: ONNX Runtime's, torch 1)")
     p.add_argument("--no-fetch", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica")
     p.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray instance (when no cluster is given)")
