@@ -529,6 +529,14 @@ def test_sample_configs_are_valid_serve_configs_for_the_app_builder(vila_package
     serve_config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     rayservice = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
     assert rayservice["kind"] == "RayService"
+    # every pod runs a proxy: each container starts with the settings `python -m engines serve` applies
+    from engines.serve.app import SERVE_ENV
+
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            assert {e["name"]: e["value"] for e in container.get("env", [])} == SERVE_ENV, container["name"]
     for config in (serve_config, yaml.safe_load(rayservice["spec"]["serveConfigV2"])):
         (app,) = ServeDeploySchema.model_validate(config).applications
         module, _, name = app.import_path.partition(":")
