@@ -143,9 +143,9 @@ class Runtime:
         vision_seconds = time.perf_counter() - t0
         cohorts, logits = self._prefill(prompts, visual, policy, results, observe, probe)
         rows = self._cache_rows(cohorts, len(prompts))
-        cache = KVCache.from_rows(rows, list(self.backend.segments), reserve, self.backend.shape.max_positions - 1)
         positions = torch.tensor([len(p.input_ids) for p in prompts], device=self.backend.device)
-        return Prefilled(cache, positions, logits, vision_seconds)
+        return Prefilled(rows, positions, logits, vision_seconds, list(self.backend.segments), reserve,
+                         self.backend.shape.max_positions - 1)
 
     @torch.no_grad()
     def decode_step(self, cache: KVCache, tokens: list[int], positions: torch.Tensor) -> torch.Tensor:
@@ -333,13 +333,29 @@ class Runtime:
 
 @dataclass
 class Prefilled:
-    """A prefilled batch, ready to decode: its cache, each row's next position id, the last
-    position's logits [B, vocab] (float32, CPU)."""
+    """A prefilled batch, ready to decode: per row, per layer, the (keys, values) of its real tokens
+    (the prefill's outputs), each row's next position id, the last position's logits [B, vocab]
+    (float32, CPU). `cache` is the batch's own KV cache (made on first use); a scheduler instead
+    inserts the rows it keeps into its running cache (`KVCache.insert`)."""
 
-    cache: KVCache
+    rows: list
     positions: torch.Tensor
     logits: torch.Tensor
     vision_seconds: float = 0.0
+    ranges: list = field(default_factory=list)  # the backend's segments
+    reserve: int = 1  # free columns the cache keeps for the tokens to come
+    limit: int | None = None  # most columns (the model's context less one)
+    _cache: KVCache | None = None
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = self.new_cache(range(len(self.rows)), self.reserve)
+        return self._cache
+
+    def new_cache(self, keep, reserve: int, max_slots: int | None = None) -> KVCache:
+        """A KV cache of rows `keep` of this batch."""
+        return KVCache.from_rows([self.rows[i] for i in keep], self.ranges, reserve, self.limit, max_slots)
 
 
 def _ranges(values: list[int]) -> str:

@@ -1,9 +1,10 @@
 """In-flight (continuous) batching over a `Runtime`, for every backend.
 
 A bounded queue feeds one engine loop. Between decode steps the loop prefills the waiting requests
-together (each exiting at its own layer, as `Runtime.prefill` does), merges their caches into the
-running batch (`KVCache.repack`: every segment keeps its own lengths), runs one decode step for
-every running request, and removes a finished request at once. Each request has its own sampling
+together (each exiting at its own layer, as `Runtime.prefill` does), writes their caches into free
+slots of the running batch's cache (`KVCache.insert`: every segment keeps its own lengths; the
+running rows are not copied), runs one decode step for every running request, and removes a
+finished request at once (`KVCache.remove` frees its slot). Each request has its own sampling
 settings and RNG, so it gets the tokens it would get alone. A full queue refuses new requests; a
 request whose prefill fails fails alone (the batch is retried one by one).
 
@@ -325,19 +326,19 @@ class Scheduler:
         return requests, batch
 
     def _join(self, requests: list[Request], batch) -> None:
-        """Sample each new request's first token; merge the caches of those that go on into the
-        running batch, in one copy."""
-        going = [i for i, r in enumerate(requests) if self._accept(r, int(r.sampler(batch.logits[i:i + 1])[0]))]
+        """Sample each new request's first token; write the caches of those that go on into free
+        slots of the running batch's cache (the running rows are not copied)."""
+        firsts = _tokens(requests, batch.logits)
+        going = [i for i, r in enumerate(requests) if self._accept(r, firsts[i])]
         if not going:
             return
         joined = self.running + [requests[i] for i in going]
         reserve = max(r.params.max_tokens - len(r.generation.generated_ids) for r in joined)
         if self.cache is None:
-            self.cache = batch.cache.repack(keep=going, reserve=reserve)
+            self.cache = batch.new_cache(going, reserve, max_slots=self.max_batch)
             self.positions = batch.positions[going].clone()
         else:
-            self.cache = self.cache.repack(keep=list(range(len(self.running))), add=batch.cache, add_keep=going,
-                                           reserve=reserve)
+            self.cache.insert([batch.rows[i] for i in going], reserve)
             self.positions = torch.cat([self.positions, batch.positions[going]])
         self.running = joined
 
@@ -353,27 +354,24 @@ class Scheduler:
         tokens = [r.next_token for r in self.running]
         logits = self.runtime.decode_step(self.cache, tokens, self.positions)
         self.positions = self.positions + 1
-        finished = []
-        for i, request in enumerate(self.running):
-            if not self._accept(request, int(request.sampler(logits[i:i + 1])[0])):
-                finished.append(i)
+        chosen = _tokens(self.running, logits)
+        finished = [i for i, request in enumerate(self.running) if not self._accept(request, chosen[i])]
         if finished:
             self._remove(finished, None)
 
     def _remove(self, rows: list[int], reason: str | None) -> None:
-        gone = set(rows)
-        for i in rows:
-            if reason:
+        if reason:
+            for i in rows:
                 self._finish(self.running[i], reason)
-        keep = [i for i in range(len(self.running)) if i not in gone]
-        if keep:
-            reserve = max(self.running[i].params.max_tokens - len(self.running[i].generation.generated_ids)
-                          for i in keep)
-            self.cache = self.cache.repack(keep=keep, reserve=max(reserve, 1))
-            self.positions = self.positions[keep]
-        else:
-            self.cache, self.positions = None, None
-        self.running = [self.running[i] for i in keep]
+        if len(rows) == len(self.running):
+            self.running, self.cache, self.positions = [], None, None
+            return
+        gone = set(rows)
+        reserve = max(r.params.max_tokens - len(r.generation.generated_ids)
+                      for i, r in enumerate(self.running) if i not in gone)
+        order = self.cache.remove(rows, reserve=max(reserve, 1))
+        self.positions = self.positions[order]
+        self.running = [self.running[i] for i in order]
 
     # ------------------------------------------------------------------ tokens
 
@@ -444,6 +442,16 @@ class Scheduler:
     def _notify(self, name: str, value) -> None:
         for observer in self.observers:
             observer(name, value)
+
+
+def _tokens(requests: list[Request], logits: torch.Tensor) -> list[int]:
+    """Each request's next token from its row of `logits` [B, vocab]: one argmax over the batch
+    for the greedy rows (what `TokenSampler` gives each of them alone), its own sampler (and RNG)
+    for a sampled row."""
+    logits = logits.float().cpu()
+    greedy = logits.argmax(dim=-1).tolist()
+    return [greedy[i] if not r.sampler.config.do_sample else int(r.sampler(logits[i:i + 1])[0])
+            for i, r in enumerate(requests)]
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
