@@ -205,3 +205,50 @@ def test_queue_depth_is_re_reported_while_idle(runtime):
     finally:
         s.stop()
     assert 4 <= len(reports) <= 12 and set(reports) == {0}, reports
+
+
+def test_slot_cache_insert_remove_and_append_keep_every_rows_tokens():
+    """The running cache in slots: rows inserted into free slots, removed (a live row moves into
+    the freed slot), grown past its columns and shrunk again keep exactly their own tokens, and a
+    step's masks/buffers are views of the live slots (no copy)."""
+    from engines.kv_cache import GROW, KVCache
+
+    gen = torch.Generator().manual_seed(0)
+    ranges = [(0, 2), (2, 3)]  # two segments: rows of different lengths per segment (an exit)
+
+    def row(n0, n1):
+        return [(torch.randn(2, n, 4, generator=gen), torch.randn(2, n, 4, generator=gen)) for n in (n0, n0, n1)]
+
+    expected = [row(5, 3), row(9, 9)]
+    cache = KVCache.from_rows(expected, ranges, reserve=4, limit=500, max_slots=8)
+    for step in range(GROW + 3):  # past the first buffer's columns: grows once
+        if step == 2:
+            more = [row(7, 2), row(1, 1), row(12, 4)]
+            cache.insert(more, reserve=GROW)
+            expected += more
+        if step == 5:
+            order = cache.remove([0, 2])
+            assert sorted(order) == [1, 3, 4] and len(order) == 3
+            expected = [expected[i] for i in order]
+        masks, past = cache.step_inputs()
+        assert [m.shape[0] for m in masks] == [len(expected)] * 2
+        assert past[0][0].data_ptr() == cache.segments[0].keys[0].data_ptr()  # a view, not a copy
+        new = [(torch.randn(len(expected), 2, 1, 4, generator=gen), torch.randn(len(expected), 2, 1, 4, generator=gen))
+               for _ in range(3)]
+        cache.append(new)
+        expected = [[(torch.cat([k, new[l][0][b]], 1), torch.cat([v, new[l][1][b]], 1)) for l, (k, v) in enumerate(r)]
+                    for b, r in enumerate(expected)]
+    assert cache.segments[0].capacity > GROW
+    for got, want in zip(cache.rows(), expected):
+        for (gk, gv), (wk, wv) in zip(got, want):
+            assert torch.equal(gk, wk) and torch.equal(gv, wv)
+    for seg, (start, _) in zip(cache.segments, ranges):  # exactly the real tokens are unmasked
+        for b, want in enumerate(expected):
+            n = want[start][0].shape[1]
+            assert seg.mask[b, :n].all() and not seg.mask[b, n:seg.capacity].any() and seg.mask[b, -1] == 1
+    long, short = row(100, 100), row(3, 2)
+    cache = KVCache.from_rows([long, short], ranges, reserve=1)
+    assert cache.segments[0].capacity == 2 * GROW
+    assert cache.remove([0]) == [1]  # the long row left: the buffers shrink to what the short one needs
+    assert [s.capacity for s in cache.segments] == [GROW, GROW]
+    assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(cache.rows()[0], short))
